@@ -1,0 +1,213 @@
+"""Frozen, validated configuration objects.
+
+Every config here is plain data: it is built once, validated in ``__post_init__`` with real
+exceptions (``ValueError`` with a sentence a person can act on), and never written to again.
+Derived values are returned by methods, not stored back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+MODEL_DTYPES = ("float32", "bfloat16")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The facts about a decoder-only transformer that the runtime and the planner need."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    sliding_window: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(
+            self.architecture in SUPPORTED_ARCHITECTURES,
+            f"Unsupported architecture {self.architecture!r}; kvcache runs "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} models.",
+        )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            _require(getattr(self, name) >= 1, f"Model config field {name} must be at least 1.")
+        _require(
+            self.num_heads % self.num_kv_heads == 0,
+            f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads}).",
+        )
+        _require(self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
+        _require(self.sliding_window is None or self.sliding_window >= 1,
+                 "sliding_window must be at least 1 when set.")
+
+    @property
+    def queries_per_kv(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any]) -> "ModelConfig":
+        """Read a Hugging Face ``config.json`` dict (llama, mistral and qwen2 model types)."""
+        model_type = config.get("model_type", "")
+        _require(
+            model_type in SUPPORTED_ARCHITECTURES,
+            f"Unsupported model_type {model_type!r} in config.json; kvcache runs "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} models.",
+        )
+        try:
+            hidden = int(config["hidden_size"])
+            heads = int(config["num_attention_heads"])
+            head_dim = config.get("head_dim") or hidden // heads
+            sliding = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+            return cls(
+                architecture=model_type,
+                vocab_size=int(config["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(config["intermediate_size"]),
+                num_layers=int(config["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(config.get("num_key_value_heads") or heads),
+                head_dim=int(head_dim),
+                max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
+                rope_theta=float(config.get("rope_theta", 10000.0)),
+                rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+                attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+                sliding_window=int(sliding) if sliding else None,
+            )
+        except KeyError as missing:
+            raise ValueError(f"config.json is missing the field {missing.args[0]!r}.") from None
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], vocab_size: int,
+                           has_output_weight: bool) -> "ModelConfig":
+        """Read GGUF metadata (``<arch>.block_count`` etc.) as written by llama.cpp's converter."""
+        arch = meta.get("general.architecture", "")
+        _require(
+            arch in SUPPORTED_ARCHITECTURES,
+            f"Unsupported GGUF architecture {arch!r}; kvcache runs "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} models.",
+        )
+
+        def field(name: str, default: Any = None) -> Any:
+            value = meta.get(f"{arch}.{name}", default)
+            _require(value is not None, f"GGUF metadata is missing {arch}.{name}.")
+            return value
+
+        hidden = int(field("embedding_length"))
+        heads = int(field("attention.head_count"))
+        head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+                       or hidden // heads)
+        sliding = meta.get(f"{arch}.attention.sliding_window")
+        return cls(
+            architecture=arch,
+            vocab_size=int(meta.get(f"{arch}.vocab_size") or vocab_size),
+            hidden_size=hidden,
+            intermediate_size=int(field("feed_forward_length")),
+            num_layers=int(field("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(field("attention.head_count_kv", heads)),
+            head_dim=head_dim,
+            max_position_embeddings=int(field("context_length", 2048)),
+            rope_theta=float(field("rope.freq_base", 10000.0)),
+            rms_norm_eps=float(field("attention.layer_norm_rms_epsilon", 1e-6)),
+            tie_word_embeddings=not has_output_weight,
+            attention_bias=arch == "qwen2",
+            sliding_window=int(sliding) if sliding else None,
+        )
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How the paged KV cache is laid out: block size and how many blocks (or a byte budget)."""
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory: int | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        _require(1 <= self.block_size <= 1024, f"block_size must be between 1 and 1024, got {self.block_size}.")
+        _require(self.num_blocks is None or self.num_blocks >= 1,
+                 f"num_blocks must be at least 1, got {self.num_blocks}.")
+        _require(self.kv_cache_memory is None or self.kv_cache_memory >= 1,
+                 f"kv_cache_memory must be a positive number of bytes, got {self.kv_cache_memory}.")
+        _require(self.num_blocks is None or self.kv_cache_memory is None,
+                 "Give num_blocks or kv_cache_memory, not both.")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits: sequences per step, tokens per step, prefill chunking."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    long_prefill_token_threshold: int = 512
+    preemption_mode: str = "recompute"
+
+    def __post_init__(self) -> None:
+        _require(self.max_num_seqs >= 1, f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
+        _require(self.max_num_batched_tokens >= 1,
+                 f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}.")
+        _require(self.long_prefill_token_threshold >= 1,
+                 "long_prefill_token_threshold must be at least 1.")
+        _require(self.preemption_mode in ("recompute", "swap"),
+                 f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}.")
+
+
+def parse_model_dtype(dtype: str) -> str:
+    """Return the canonical model dtype name, or raise a clear ValueError."""
+    aliases = {"float32": "float32", "fp32": "float32", "f32": "float32",
+               "bfloat16": "bfloat16", "bf16": "bfloat16"}
+    _require(isinstance(dtype, str) and dtype.lower() in aliases,
+             f"Unknown dtype {dtype!r}; use float32 or bfloat16.")
+    return aliases[dtype.lower()]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop; the names and defaults follow vLLM."""
+
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop: Sequence[str] | str | None = None
+    stop_token_ids: Sequence[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    cache_salt: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.n, int) and self.n >= 1, f"n must be at least 1, got {self.n}.")
+        _require(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+                 f"max_tokens must be at least 1, got {self.max_tokens}.")
+        _require(self.temperature >= 0, f"temperature must be at least 0, got {self.temperature}.")
+        _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}.")
+        _require(self.top_k == -1 or self.top_k >= 1, f"top_k must be -1 (off) or at least 1, got {self.top_k}.")
+        _require(self.logprobs is None or 0 <= self.logprobs <= 20,
+                 f"logprobs must be between 0 and 20, got {self.logprobs}.")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        _require(all(isinstance(s, str) and s for s in self.stop or ()),
+                 "stop must be a string or a list of non-empty strings.")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

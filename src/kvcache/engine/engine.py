@@ -1,0 +1,319 @@
+"""``LLMEngine`` (add_request / step / abort) and the ``LLM`` facade for offline use, as in vLLM."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from kvcache.cache.block_pool import BlockPool
+from kvcache.cache.kv_manager import KVCacheManager
+from kvcache.cache.storage import TORCH_TO_KV_DTYPE, KVStorage
+from kvcache.config import CacheConfig, SamplingParams, SchedulerConfig, parse_model_dtype
+from kvcache.engine.request import Request, RequestStatus
+from kvcache.engine.scheduler import Scheduler
+from kvcache.models.llama import LlamaForCausalLM
+from kvcache.models.loader import LoadedModel, load_model
+from kvcache.runtime.runner import ModelRunner
+from kvcache.runtime.sampler import logprobs_of, make_generator, sample
+from kvcache.sizing import KVShape, kv_bytes, num_blocks_for_budget
+
+DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    logprobs: list[dict] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Group:
+    """The n samples of one request id; sample 0 prefills, the others fork from it."""
+
+    request_id: str
+    params: SamplingParams
+    samples: list[Request]
+    texts: list[str]
+
+
+def build_model(loaded: LoadedModel, dtype: str, device: torch.device) -> LlamaForCausalLM:
+    torch_dtype = getattr(torch, parse_model_dtype(dtype))
+    model = LlamaForCausalLM(loaded.config)
+    model.load_hf_weights(loaded.weights)
+    return model.to(device=device, dtype=torch_dtype).eval()
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class LLMEngine:
+    """One model, one KV pool, one scheduler. Single-threaded: call ``step()`` in a loop."""
+
+    def __init__(self, model: str | None = None, dtype: str = "float32", block_size: int = 16,
+                 num_blocks: int | None = None, kv_cache_memory: int | str | None = None,
+                 enable_prefix_caching: bool = True, scheduler_config: SchedulerConfig | None = None,
+                 max_model_len: int | None = None, device: str | None = None,
+                 loaded: LoadedModel | None = None) -> None:
+        if isinstance(kv_cache_memory, str):
+            from kvcache.sizing import parse_bytes
+            kv_cache_memory = parse_bytes(kv_cache_memory)
+        self.cache_config = CacheConfig(block_size, num_blocks, kv_cache_memory, enable_prefix_caching)
+        self.scheduler_config = scheduler_config or SchedulerConfig()
+        self.dtype = parse_model_dtype(dtype)
+        self.device = torch.device(device) if device else default_device()
+        loaded = loaded or load_model(model)
+        self.model_config = loaded.config
+        self.model_source = loaded.source
+        self.tokenizer = loaded.tokenizer
+        self.model = build_model(loaded, self.dtype, self.device)
+        self.max_model_len = min(max_model_len or loaded.config.max_position_embeddings,
+                                 loaded.config.max_position_embeddings)
+        self.kv_shape = KVShape.from_model_config(loaded.config)
+        kv_dtype = TORCH_TO_KV_DTYPE[getattr(torch, self.dtype)]
+        blocks = self.cache_config.num_blocks or num_blocks_for_budget(
+            self.kv_shape, self.cache_config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, block_size, kv_dtype)
+        self.storage = KVStorage(self.kv_shape, blocks, block_size, getattr(torch, self.dtype), self.device)
+        self.pool = BlockPool(blocks, enable_prefix_caching)
+        self.kv = KVCacheManager(self.pool, block_size)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv, self.max_model_len)
+        self.runner = ModelRunner(self.model, self.storage)
+        self._groups: dict[str, _Group] = {}
+        self._requests: dict[str, Request] = {}
+        self._generators: dict[str, torch.Generator] = {}
+        self._ids = itertools.count()
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            if any(t < 0 or t >= self.model_config.vocab_size for t in ids):
+                raise ValueError(f"Prompt token ids must lie in [0, {self.model_config.vocab_size}).")
+        if not ids:
+            raise ValueError("The prompt is empty; give at least one token.")
+        return ids
+
+    def add_request(self, request_id: str | None, prompt: str | Sequence[int],
+                    params: SamplingParams | None = None) -> str:
+        """Queue a prompt (text or token ids); returns its request id. Raises ValueError on bad input."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self._groups:
+            raise ValueError(f"Request id {request_id!r} is already in use.")
+        ids = self.encode_prompt(prompt)
+        first = Request(f"{request_id}#0", ids, params, prompt if isinstance(prompt, str) else None,
+                        eos_token_ids=self.tokenizer.eos_token_ids)
+        self.scheduler.add(first)
+        self._groups[request_id] = _Group(request_id, params, [first], [""])
+        self._register(first, params.seed)
+        return request_id
+
+    def _register(self, request: Request, seed: int | None) -> None:
+        self._requests[request.request_id] = request
+        self._generators[request.request_id] = make_generator(seed, self.device)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now; its blocks return to the pool (or stay only in the prefix cache)."""
+        group = self._groups.pop(request_id, None)
+        if group is None:
+            return
+        for request in group.samples:
+            if not request.is_finished:
+                self.scheduler.finish(request, "abort")
+            self._forget(request)
+
+    def _forget(self, request: Request) -> None:
+        self._requests.pop(request.request_id, None)
+        self._generators.pop(request.request_id, None)
+        self.runner.drop_host_blocks(request.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # --- one step -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; outputs for every request group that advanced or finished."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        output = self.runner.execute(plan)
+        due = self.scheduler.step_done()
+        rows = {rid: i for i, rid in enumerate(output.request_ids)}
+        touched: dict[str, _Group] = {}
+        now = time.monotonic()
+        for request in due:
+            logits = output.logits[rows[request.request_id]]
+            group = self._groups[request.request_id.rsplit("#", 1)[0]]
+            for sample_request in self._fork_if_first(group, request):
+                self._append_token(group, sample_request, logits, now)
+            touched[group.request_id] = group
+        return [self._output(g) for g in touched.values()]
+
+    def _fork_if_first(self, group: _Group, request: Request) -> list[Request]:
+        """Sample 0's first token: fork the other n-1 samples off its prompt blocks, by reference."""
+        if group.params.n == 1 or len(group.samples) > 1 or request.output_token_ids:
+            return [request]
+        for index in range(1, group.params.n):
+            child = Request(f"{group.request_id}#{index}", request.prompt_token_ids, group.params,
+                            request.prompt, eos_token_ids=request.eos_token_ids,
+                            arrival_time=request.arrival_time, sample_index=index)
+            self.kv.fork(request, child)
+            self.scheduler.add_running(child)
+            group.samples.append(child)
+            group.texts.append("")
+            seed = None if group.params.seed is None else group.params.seed + index
+            self._register(child, seed)
+        return group.samples
+
+    def _append_token(self, group: _Group, request: Request, logits: torch.Tensor, now: float) -> None:
+        params = group.params
+        token = sample(logits.unsqueeze(0), [params], [self._generators[request.request_id]])[0]
+        if params.logprobs is not None:
+            request.output_logprobs.append(logprobs_of(logits, token, params.logprobs))
+        request.all_token_ids.append(token)
+        request.first_token_time = request.first_token_time or now
+        reason = self._stop_reason(group, request, token)
+        if reason is not None:
+            request.finish_time = now
+            self.scheduler.finish(request, reason)
+
+    def _stop_reason(self, group: _Group, request: Request, token: int) -> str | None:
+        params = group.params
+        output = request.output_token_ids
+        text = self.tokenizer.decode(output)
+        if params.stop:
+            hits = [text.find(s) for s in params.stop if s in text]
+            if hits:
+                group.texts[request.sample_index] = text[:min(hits)]
+                return "stop"
+        group.texts[request.sample_index] = text
+        if not params.ignore_eos and token in request.eos_token_ids:
+            return "stop"
+        if params.stop_token_ids and token in params.stop_token_ids:
+            return "stop"
+        if len(output) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, group: _Group) -> RequestOutput:
+        first = group.samples[0]
+        finished = len(group.samples) == group.params.n and all(r.is_finished for r in group.samples)
+        outputs = [CompletionOutput(r.sample_index, group.texts[r.sample_index], list(r.output_token_ids),
+                                    r.finish_reason, list(r.output_logprobs) if group.params.logprobs is not None
+                                    else None) for r in group.samples]
+        metrics = {
+            "arrival_time": first.arrival_time,
+            "first_token_time": first.first_token_time,
+            "finish_time": max((r.finish_time or 0.0) for r in group.samples) if finished else None,
+            "num_preemptions": sum(r.num_preemptions for r in group.samples),
+            "peak_kv_blocks": sum(r.peak_blocks for r in group.samples),
+            "peak_kv_bytes": sum(r.peak_blocks for r in group.samples) * self.block_bytes,
+            "num_cached_prompt_tokens": first.num_prompt_tokens and min(
+                first.num_prompt_tokens, len(first.block_hashes) * self.cache_config.block_size),
+        }
+        if finished:
+            self._groups.pop(group.request_id, None)
+            for r in group.samples:
+                self._forget(r)
+        return RequestOutput(group.request_id, first.prompt, list(first.prompt_token_ids), outputs,
+                             finished, metrics)
+
+    # --- introspection ------------------------------------------------------------------------
+
+    @property
+    def block_bytes(self) -> int:
+        return self.storage.nbytes // self.pool.num_blocks
+
+    def kv_bytes_for_tokens(self, num_tokens: int) -> int:
+        """What the planner says ``num_tokens`` tokens of this model's KV cost in this dtype."""
+        return kv_bytes(self.kv_shape, num_tokens, 1, TORCH_TO_KV_DTYPE[self.storage.dtype]).total_bytes
+
+    def stats(self) -> dict[str, Any]:
+        pool = self.pool
+        running = self.scheduler.running
+        allocated_slots = sum(len(r.block_ids) for r in running) * self.cache_config.block_size
+        filled = sum(min(r.num_computed_tokens, len(r.block_ids) * self.cache_config.block_size)
+                     for r in running)
+        return {
+            "kv_cache_usage": pool.num_used / pool.num_blocks,
+            "num_blocks_total": pool.num_blocks,
+            "num_blocks_free": pool.num_free,
+            "num_blocks_used": pool.num_used,
+            "num_blocks_cached_free": pool.num_cached_free,
+            "block_size": self.cache_config.block_size,
+            "kv_cache_bytes": self.storage.nbytes,
+            "num_requests_running": len(running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "prefix_cache_queries": self.kv.prefix_cache_queries,
+            "prefix_cache_hits": self.kv.prefix_cache_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "fragmentation": (allocated_slots - filled) / allocated_slots if allocated_slots else 0.0,
+        }
+
+
+class LLM:
+    """Offline generation in vLLM's convention: ``LLM(model=None).generate(prompts, SamplingParams())``."""
+
+    def __init__(self, model: str | None = None, dtype: str = "float32", **engine_kwargs: Any) -> None:
+        self.engine = LLMEngine(model=model, dtype=dtype, **engine_kwargs)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt in one continuous batch; outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("Give one SamplingParams, or one per prompt.")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.engine.add_request(None, prompt, p))
+        except ValueError:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        return self._run(ids)
+
+    def _run(self, ids: list[str]) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        while len(done) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[i] for i in ids]
+
+    def chat(self, messages: Sequence[Mapping[str, str]] | Sequence[Sequence[Mapping[str, str]]],
+             sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation (or several) and generate."""
+        conversations: Iterable = [messages] if messages and isinstance(messages[0], Mapping) else messages
+        prompts = [self.tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def stats(self) -> dict[str, Any]:
+        return self.engine.stats()

@@ -1,0 +1,169 @@
+"""Continuous batching: waiting and running queues, a token budget per step, chunked prefill, preemption.
+
+Tokens are scheduled, not phases: each step lets every running request's ``num_computed_tokens``
+catch up with its ``num_tokens`` as far as the budget allows. A decode is a request one token behind;
+a chunked prefill is one many tokens behind; a prefix hit starts a request part-way.
+
+Running requests keep their order of admission. When blocks run out, the most recently admitted
+request is preempted (recompute: its blocks are freed and it starts over, usually finding its own
+prefix in the cache; swap: its blocks are copied to host memory first). No new request is admitted
+in a step that preempted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from kvcache.cache.kv_manager import KVCacheManager
+from kvcache.config import SchedulerConfig
+from kvcache.engine.request import Request, RequestStatus
+from kvcache.runtime.plan import ScheduledSequence, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._scheduled: list[tuple[Request, int]] = []
+
+    # --- admission --------------------------------------------------------------------------
+
+    def check_fits(self, request: Request) -> None:
+        """Reject a request that could not run even alone in an empty pool (no livelock)."""
+        if request.num_prompt_tokens >= self.max_model_len:
+            raise ValueError(f"The prompt has {request.num_prompt_tokens} tokens; this model's context is "
+                             f"{self.max_model_len} tokens, which must also hold at least one new token.")
+        worst = min(request.max_total_tokens, self.max_model_len)
+        need, have = self.kv.blocks_for(worst), self.kv.pool.num_blocks
+        if need > have:
+            raise ValueError(f"This request needs up to {need} KV blocks ({worst} tokens) but the whole "
+                             f"cache has {have}; shorten it or give the engine more KV memory.")
+
+    def add(self, request: Request) -> None:
+        self.check_fits(request)
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def add_running(self, request: Request) -> None:
+        """Admit a request that already holds blocks (a forked sample)."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --- one step ---------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        swap_out: list[tuple[str, tuple[int, ...]]] = []
+        swap_in: list[tuple[str, tuple[int, ...]]] = []
+        preempted: list[str] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._chunk(request, request.num_computed_tokens, budget)
+            while not self.kv.allocate_slots(request, num_new):
+                victim = self.running.pop()
+                self._preempt(victim, swap_out)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+            else:
+                scheduled.append((request, num_new))
+                budget -= num_new
+                i += 1
+
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            num_new = self._admit(request, budget, swap_in)
+            if num_new is None:
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append((request, num_new))
+            budget -= num_new
+
+        for request, _ in scheduled:
+            request.peak_blocks = max(request.peak_blocks, len(request.block_ids))
+        self._scheduled = scheduled
+        decodes_first = sorted(scheduled, key=lambda rn: not (rn[1] == 1 and rn[0].num_computed_tokens > 0))
+        return SchedulerOutput(
+            sequences=tuple(self._plan(r, n) for r, n in decodes_first),
+            block_copies=tuple(self.kv.take_pending_copies()),
+            swap_out=tuple(swap_out),
+            swap_in=tuple(swap_in),
+            preempted=tuple(preempted),
+        )
+
+    def _chunk(self, request: Request, computed: int, budget: int) -> int:
+        return min(request.num_tokens - computed, budget, self.config.long_prefill_token_threshold)
+
+    def _admit(self, request: Request, budget: int, swap_in: list) -> int | None:
+        """Give a waiting request its blocks; the number of tokens it computes now, or None."""
+        if request.status is RequestStatus.SWAPPED:
+            num_new = self._chunk(request, request.num_computed_tokens, budget)
+            restored = self.kv.restore(request, num_new)
+            if restored is None:
+                return None
+            swap_in.append((request.request_id, restored))
+            return num_new
+        cached = self.kv.find_cached_prefix(request)
+        num_new = self._chunk(request, len(cached) * self.kv.block_size, budget)
+        if not self.kv.allocate_slots(request, num_new, cached):
+            return None
+        self.kv.count_prefix_lookup(request, len(cached))
+        return num_new
+
+    def _plan(self, request: Request, num_new: int) -> ScheduledSequence:
+        start = request.num_computed_tokens
+        return ScheduledSequence(
+            request_id=request.request_id,
+            token_ids=tuple(request.all_token_ids[start:start + num_new]),
+            start_position=start,
+            block_ids=tuple(request.block_ids),
+            sample=start + num_new == request.num_tokens,
+        )
+
+    def _preempt(self, request: Request, swap_out: list) -> None:
+        if self.config.preemption_mode == "swap" and request.num_computed_tokens > 0:
+            swap_out.append((request.request_id, tuple(request.block_ids)))
+            self.kv.free(request)
+            request.status = RequestStatus.SWAPPED
+        else:
+            self.kv.free(request)
+            request.num_computed_tokens = 0
+            request.status = RequestStatus.PREEMPTED
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def step_done(self) -> list[Request]:
+        """Advance ``num_computed_tokens`` of everything scheduled; return those due a sample."""
+        due = []
+        for request, num_new in self._scheduled:
+            request.num_computed_tokens += num_new
+            if request.num_computed_tokens == request.num_tokens:
+                due.append(request)
+        self._scheduled = []
+        return due
+
+    # --- endings ----------------------------------------------------------------------------
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Stop a request (finished or aborted) and return its blocks at once."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.FINISHED
+        request.finish_reason = reason

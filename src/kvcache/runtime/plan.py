@@ -1,0 +1,39 @@
+"""The plain-data plan a scheduler hands the runner for one step. No tensors here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ScheduledSequence:
+    """One sequence's share of a step: compute KV for ``token_ids`` at positions start.. and maybe sample."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # the tokens computed this step
+    start_position: int  # tokens with KV before this step
+    block_ids: tuple[int, ...]  # the sequence's block table for this step
+    sample: bool  # True when this step reaches the end of the known tokens
+
+    @property
+    def seq_len(self) -> int:
+        return self.start_position + len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """Decodes first, then prefill chunks; the block moves to perform before the forward."""
+
+    sequences: tuple[ScheduledSequence, ...] = ()
+    block_copies: tuple[tuple[int, int], ...] = ()  # (src, dst) copy-on-write
+    swap_out: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (request id, device blocks to save)
+    swap_in: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (request id, device blocks to restore into)
+    preempted: tuple[str, ...] = field(default=())
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.sequences)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.sequences and not self.swap_out

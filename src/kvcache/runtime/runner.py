@@ -1,0 +1,87 @@
+"""Turn a step's plan into tensors (tokens, positions, slot mapping, block tables) and run the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvcache.cache.storage import KVStorage
+from kvcache.models.attention import AttentionMetadata, build_masks
+from kvcache.models.llama import LlamaForCausalLM
+from kvcache.runtime.plan import ScheduledSequence, SchedulerOutput
+
+
+@dataclass
+class ModelOutput:
+    request_ids: list[str]  # the sequences that asked to sample, in plan order
+    logits: torch.Tensor  # [len(request_ids), vocab] float32
+
+
+class ModelRunner:
+    """Executes plans; never changes them. Holds the host copies of swapped-out requests."""
+
+    def __init__(self, model: LlamaForCausalLM, storage: KVStorage) -> None:
+        self.model = model
+        self.storage = storage
+        self.device = storage.kv.device
+        self.sliding_window = model.config.sliding_window
+        self.host_blocks: dict[str, torch.Tensor] = {}
+
+    def execute(self, plan: SchedulerOutput) -> ModelOutput:
+        for request_id, block_ids in plan.swap_out:
+            self.host_blocks[request_id] = self.storage.read_blocks(list(block_ids))
+        self.storage.copy_blocks(list(plan.block_copies))
+        for request_id, block_ids in plan.swap_in:
+            self.storage.write_blocks(list(block_ids), self.host_blocks.pop(request_id))
+        if not plan.sequences:
+            return ModelOutput([], torch.empty(0, self.model.config.vocab_size))
+        tokens, positions, meta = self.prepare(plan.sequences)
+        hidden = self.model(tokens, positions, meta, [self.storage.layer(i) for i in
+                                                      range(self.model.config.num_layers)])
+        last = torch.tensor(meta_last_indices(plan.sequences), device=self.device)
+        sampled = [s.request_id for s in plan.sequences if s.sample]
+        return ModelOutput(sampled, self.model.compute_logits(hidden[last]))
+
+    def drop_host_blocks(self, request_id: str) -> None:
+        self.host_blocks.pop(request_id, None)
+
+    def prepare(self, seqs: tuple[ScheduledSequence, ...]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flatten sequences into token/position vectors and the attention metadata."""
+        bs = self.storage.block_size
+        tokens: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        for s in seqs:
+            tokens.extend(s.token_ids)
+            for pos in range(s.start_position, s.seq_len):
+                positions.append(pos)
+                slots.append(s.block_ids[pos // bs] * bs + pos % bs)
+        width = max(len(s.block_ids) for s in seqs)
+        table = [list(s.block_ids) + [0] * (width - len(s.block_ids)) for s in seqs]
+        num_decodes = 0
+        while num_decodes < len(seqs) and len(seqs[num_decodes].token_ids) == 1 and \
+                seqs[num_decodes].start_position > 0:
+            num_decodes += 1
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            query_lens=[len(s.token_ids) for s in seqs],
+            seq_lens=[s.seq_len for s in seqs],
+            block_tables=torch.tensor(table, dtype=torch.long, device=self.device),  # [num_seqs, width]
+            block_size=bs,
+            num_decodes=num_decodes,
+            sliding_window=self.sliding_window,
+        )
+        build_masks(meta, self.device)
+        return (torch.tensor(tokens, dtype=torch.long, device=self.device),
+                torch.tensor(positions, dtype=torch.long, device=self.device), meta)
+
+
+def meta_last_indices(seqs: tuple[ScheduledSequence, ...]) -> list[int]:
+    """Row of each sampling sequence's last token in the flat batch."""
+    rows, end = [], 0
+    for s in seqs:
+        end += len(s.token_ids)
+        if s.sample:
+            rows.append(end - 1)
+    return rows

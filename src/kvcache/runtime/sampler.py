@@ -1,0 +1,54 @@
+"""Turning logits into tokens: greedy, temperature, top-k, top-p, per-request seeds, logprobs."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from kvcache.config import SamplingParams
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    gen = torch.Generator(device=device)
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(seed)
+    return gen
+
+
+def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits outside top-k and the top-p nucleus with -inf. logits [V] float32."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
+           generators: Sequence[torch.Generator]) -> list[int]:
+    """logits [N, V] float32 -> one token id per row, each with its own params and generator."""
+    greedy = logits.argmax(dim=-1).tolist()
+    tokens = []
+    for row, (p, gen) in enumerate(zip(params, generators)):
+        if p.greedy:
+            tokens.append(greedy[row])
+            continue
+        filtered = _filter(logits[row] / p.temperature, p.top_k, p.top_p)
+        probs = torch.softmax(filtered, dim=-1)
+        tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
+    return tokens
+
+
+def logprobs_of(logits: torch.Tensor, token: int, top: int) -> dict:
+    """The chosen token's log-probability and the ``top`` most likely alternatives. logits [V]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    values, ids = torch.topk(logp, top) if top > 0 else (logp[:0], logp[:0].long())
+    return {"token_id": token, "logprob": float(logp[token]),
+            "top": [(int(i), float(v)) for i, v in zip(ids, values)]}
