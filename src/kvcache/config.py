@@ -35,7 +35,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on the Q, K, V projections
+    output_bias: bool = False  # a bias on the attention output projection (llama's attention_bias)
     sliding_window: int | None = None
 
     def __post_init__(self) -> None:
@@ -73,6 +74,10 @@ class ModelConfig:
             heads = int(config["num_attention_heads"])
             head_dim = config.get("head_dim") or hidden // heads
             sliding = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+            rope = config.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
+            scaling = config.get("rope_scaling") or rope
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            _require(kind in ("default", None), f"RoPE scaling {kind!r} is not supported yet; only plain RoPE is.")
             return cls(
                 architecture=model_type,
                 vocab_size=int(config["vocab_size"]),
@@ -83,10 +88,11 @@ class ModelConfig:
                 num_kv_heads=int(config.get("num_key_value_heads") or heads),
                 head_dim=int(head_dim),
                 max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-                rope_theta=float(config.get("rope_theta", 10000.0)),
+                rope_theta=float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0),
                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
                 attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
+                output_bias=model_type != "qwen2" and bool(config.get("attention_bias", False)),
                 sliding_window=int(sliding) if sliding else None,
             )
         except KeyError as missing:

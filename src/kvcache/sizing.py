@@ -211,7 +211,8 @@ def preset(name: str) -> ModelPreset:
 def count_params(config: ModelConfig) -> int:
     """Parameters of a llama-family decoder (embeddings, attention, SwiGLU MLP, norms, head)."""
     h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-    attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if config.attention_bias else 0)
+    attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if config.attention_bias else 0) + \
+        (h if config.output_bias else 0)
     per_layer = attention + 3 * h * config.intermediate_size + 2 * h
     head = 0 if config.tie_word_embeddings else config.vocab_size * h
     return config.vocab_size * h + config.num_layers * per_layer + h + head

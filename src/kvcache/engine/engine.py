@@ -54,10 +54,14 @@ class _Group:
 
 
 def build_model(loaded: LoadedModel, dtype: str, device: torch.device) -> LlamaForCausalLM:
+    """The model with ``loaded``'s weights, in ``dtype`` on ``device`` (no throwaway random init)."""
     torch_dtype = getattr(torch, parse_model_dtype(dtype))
-    model = LlamaForCausalLM(loaded.config)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(loaded.config)
+    model.to_empty(device=device)
+    model.rope.reset_tables()
     model.load_hf_weights(loaded.weights)
-    return model.to(device=device, dtype=torch_dtype).eval()
+    return model.to(dtype=torch_dtype).eval()
 
 
 def default_device() -> torch.device:
@@ -227,6 +231,7 @@ class LLMEngine:
             "first_token_time": first.first_token_time,
             "finish_time": max((r.finish_time or 0.0) for r in group.samples) if finished else None,
             "num_preemptions": sum(r.num_preemptions for r in group.samples),
+            "num_kv_tokens": sum(r.num_computed_tokens for r in group.samples),
             "peak_kv_blocks": sum(r.peak_blocks for r in group.samples),
             "peak_kv_bytes": sum(r.peak_blocks for r in group.samples) * self.block_bytes,
             "num_cached_prompt_tokens": first.num_prompt_tokens and min(

@@ -37,11 +37,21 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [pos, hd/2]
+        self.head_dim, self.max_positions, self.theta = head_dim, max_positions, theta
+        self.register_buffer("cos", torch.empty(max_positions, head_dim), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, head_dim), persistent=False)
+        self.reset_tables()
+
+    def reset_tables(self) -> None:
+        """(Re)compute the tables in float32 on the buffers' device (also after a meta-device build)."""
+        if self.cos.is_meta:
+            return
+        hd, device = self.head_dim, self.cos.device
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
+        freqs = torch.outer(torch.arange(self.max_positions, device=device).float(), inv_freq)  # [pos, hd/2]
         angles = torch.cat([freqs, freqs], dim=-1)  # [pos, hd]
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.cos = angles.cos()
+        self.sin = angles.sin()
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [T, heads, hd] rotated by each token's position."""
@@ -60,7 +70,7 @@ class Attention(nn.Module):
         self.split = (q_size, kv_size, kv_size)
         # Q, K and V projections fused into one matmul: [q_size + 2 * kv_size, hidden]
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.output_bias)
         self.scale = default_scale(self.head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, kv: LayerKV,
@@ -126,7 +136,7 @@ class LlamaForCausalLM(nn.Module):
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy Hugging Face-named tensors in, fusing Q/K/V and gate/up; every tensor must be used."""
-        weights = dict(weights)
+        weights = _WeightSource(weights)
         own = self.state_dict()
         mapped: dict[str, torch.Tensor] = {}
         for i in range(self.config.num_layers):
@@ -138,6 +148,8 @@ class LlamaForCausalLM(nn.Module):
                     [weights.pop(src + f"self_attn.{p}_proj.bias") for p in "qkv"])
             mapped[dst + "mlp.gate_up_proj.weight"] = torch.cat(
                 [weights.pop(src + "mlp.gate_proj.weight"), weights.pop(src + "mlp.up_proj.weight")])
+            if self.config.output_bias:
+                mapped[dst + "self_attn.o_proj.bias"] = weights.pop(src + "self_attn.o_proj.bias")
             for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
                          "post_attention_layernorm.weight"):
                 mapped[dst + name] = weights.pop(src + name)
@@ -147,7 +159,7 @@ class LlamaForCausalLM(nn.Module):
             mapped["lm_head.weight"] = weights.pop("lm_head.weight")
         else:
             weights.pop("lm_head.weight", None)
-        leftover = [k for k in weights if "rotary_emb" not in k]
+        leftover = [k for k in weights.remaining() if "rotary_emb" not in k]
         if leftover:
             raise ValueError(f"The weights hold tensors this architecture does not use: {leftover[:4]}.")
         for name, tensor in mapped.items():
@@ -158,3 +170,18 @@ class LlamaForCausalLM(nn.Module):
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+class _WeightSource:
+    """Hands out named tensors once each; a missing one is a clear error, not a KeyError."""
+
+    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
+        self._weights = dict(weights)
+
+    def pop(self, name: str, *default: None) -> torch.Tensor:
+        if name not in self._weights and not default:
+            raise ValueError(f"The weights have no tensor {name!r}; they do not match this architecture.")
+        return self._weights.pop(name, *default)
+
+    def remaining(self) -> list[str]:
+        return list(self._weights)

@@ -194,9 +194,32 @@ def save_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.T
           "num_attention_heads": config.num_heads, "num_key_value_heads": config.num_kv_heads,
           "head_dim": config.head_dim, "max_position_embeddings": config.max_position_embeddings,
           "rope_theta": config.rope_theta, "rms_norm_eps": config.rms_norm_eps,
-          "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": config.attention_bias,
+          "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": config.output_bias,
           "hidden_act": "silu"}
     with open(folder / "config.json", "w", encoding="utf-8") as f:
         json.dump(hf, f, indent=2)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
     tokenizer.save_pretrained(folder)
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """Only the model's facts (no weights): GGUF metadata or config.json."""
+    resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise ValueError(f"Model path {str(resolved)!r} does not exist.")
+    folder = resolved if resolved.is_dir() else resolved.parent
+    if resolved.is_dir() or resolved.suffix in (".json", ".safetensors"):
+        config_path = resolved if resolved.suffix == ".json" else folder / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"{str(folder)!r} has no config.json.")
+        with open(config_path, encoding="utf-8") as f:
+            return ModelConfig.from_hf_config(json.load(f))
+    with open(resolved, "rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ValueError(f"{str(resolved)!r} is neither a GGUF file nor a config.json.")
+    from gguf import GGUFReader
+    reader = GGUFReader(str(resolved))
+    meta = {name: f.contents() for name, f in reader.fields.items()}
+    names = {t.name for t in reader.tensors}
+    return ModelConfig.from_gguf_metadata(meta, len(meta.get("tokenizer.ggml.tokens", [])),
+                                          has_output_weight="output.weight" in names)

@@ -1,0 +1,5 @@
+import sys
+
+from kvcache.cli import main
+
+sys.exit(main())

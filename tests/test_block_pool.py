@@ -1,0 +1,131 @@
+"""Block pool and kv manager invariants: unit tests and a hypothesis state machine."""
+
+import pytest
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kvcache.cache.block_pool import BlockPool
+from kvcache.cache.kv_manager import KVCacheManager
+from kvcache.engine.request import Request
+from kvcache.config import SamplingParams
+
+
+def _req(rid, tokens, salt=None):
+    return Request(rid, list(tokens), SamplingParams(max_tokens=8, cache_salt=salt))
+
+
+def test_release_below_zero_raises():
+    pool = BlockPool(4)
+    (b,) = pool.allocate(1)
+    pool.release([b])
+    with pytest.raises(RuntimeError):
+        pool.release([b])
+
+
+def test_prefix_hit_shares_blocks_and_lru_eviction():
+    pool = BlockPool(8)
+    kv = KVCacheManager(pool, 4)
+    a = _req("a", range(10))
+    assert kv.allocate_slots(a, 10)
+    kv.free(a)  # full blocks keep their hashes while free
+    b = _req("b", list(range(10)) + [99])
+    hits = kv.find_cached_prefix(b)
+    assert hits == a.block_ids or len(hits) == 2
+    assert kv.allocate_slots(b, 11 - 8, hits)
+    assert b.num_computed_tokens == 8 and b.block_ids[:2] == hits
+    # another tenant never sees them
+    c = _req("c", list(range(10)) + [99], salt="tenant-2")
+    assert kv.find_cached_prefix(c) == []
+
+
+def test_fork_shares_and_copies_the_partial_block_on_write():
+    pool = BlockPool(8)
+    kv = KVCacheManager(pool, 4)
+    parent = _req("p", range(6))
+    assert kv.allocate_slots(parent, 6)
+    parent.num_computed_tokens = 6
+    child = _req("c", range(6))
+    kv.fork(parent, child)
+    assert all(pool.ref_count(b) == 2 for b in parent.block_ids)
+    child.all_token_ids.append(7)
+    assert kv.allocate_slots(child, 1)  # writes slot 6, inside the shared partial block
+    assert child.block_ids[0] == parent.block_ids[0] and child.block_ids[1] != parent.block_ids[1]
+    assert kv.take_pending_copies() == [(parent.block_ids[1], child.block_ids[1])]
+    assert pool.ref_count(parent.block_ids[1]) == 1
+
+
+class PoolMachine(RuleBasedStateMachine):
+    """Random add / step / abort / fork / finish sequences on a small pool."""
+
+    def __init__(self):
+        super().__init__()
+        self.block_size = 4
+        self.pool = BlockPool(24)
+        self.kv = KVCacheManager(self.pool, self.block_size)
+        self.live: list[Request] = []
+        self.n = 0
+
+    @rule(prompt=st.lists(st.integers(0, 5), min_size=1, max_size=30), salt=st.sampled_from([None, "x"]))
+    def add(self, prompt, salt):
+        r = _req(f"r{self.n}", prompt, salt)
+        self.n += 1
+        hits = self.kv.find_cached_prefix(r)
+        if self.kv.allocate_slots(r, len(prompt) - len(hits) * self.block_size, hits):
+            r.num_computed_tokens = len(prompt)
+            self.live.append(r)
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 100), token=st.integers(0, 5))
+    def step(self, i, token):
+        r = self.live[i % len(self.live)]
+        r.all_token_ids.append(token)
+        if self.kv.allocate_slots(r, 1):
+            r.num_computed_tokens += 1
+        else:
+            r.all_token_ids.pop()
+        self.kv.take_pending_copies()
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 100))
+    def fork(self, i):
+        parent = self.live[i % len(self.live)]
+        child = _req(f"r{self.n}", parent.all_token_ids)
+        self.n += 1
+        self.kv.fork(parent, child)
+        self.live.append(child)
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 100))
+    def finish_or_abort(self, i):
+        self.kv.free(self.live.pop(i % len(self.live)))
+
+    @precondition(lambda self: self.live)
+    @rule(i=st.integers(0, 100), keep=st.integers(1, 40))
+    def rollback(self, i, keep):
+        r = self.live[i % len(self.live)]
+        keep = min(keep, r.num_computed_tokens)
+        self.kv.truncate(r, keep)
+        del r.all_token_ids[keep:]
+
+    @invariant()
+    def free_plus_used_is_total(self):
+        assert self.pool.num_free + self.pool.num_used == self.pool.num_blocks
+
+    @invariant()
+    def reference_counts_match_tables(self):
+        held: dict[int, int] = {}
+        for r in self.live:
+            for b in r.block_ids:
+                held[b] = held.get(b, 0) + 1
+        for block in self.pool.blocks:
+            assert block.ref_count == held.get(block.block_id, 0) >= 0
+        assert self.pool.num_used == len(held)
+
+    @invariant()
+    def tables_are_exactly_as_long_as_tokens_need(self):
+        for r in self.live:
+            assert len(r.block_ids) == -(-r.num_computed_tokens // self.block_size)
+
+
+TestPoolMachine = PoolMachine.TestCase
+TestPoolMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
