@@ -50,6 +50,15 @@ def test_fast_path_matches_reference(query_lens, seq_lens, heads, kv_heads, wind
     torch.testing.assert_close(kc, kc2)  # both wrote the same slots
 
 
+@pytest.mark.parametrize("query_lens,seq_lens", [([1], [9]), ([1, 1, 1], [3, 17, 8]), ([1, 5], [30, 9])])
+def test_bfloat16_fast_path_matches_reference(query_lens, seq_lens):
+    q, k, v, kc, vc, meta = (t.to(torch.bfloat16) if isinstance(t, torch.Tensor) else t
+                             for t in _case(query_lens, seq_lens, 6, 2, window=None))
+    fast = paged_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.35)
+    slow = reference_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.35)
+    torch.testing.assert_close(fast.float(), slow.float(), atol=2e-2, rtol=2e-2)
+
+
 def test_write_goes_only_to_mapped_slots():
     q, k, v, kc, vc, meta = _case([3], [3], 2, 2)
     before = kc.clone()

@@ -83,7 +83,7 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
     """One sequence's first seq_len tokens of K or V: [seq_len, kv_heads, head_dim]."""
-    return cache[block_ids].flatten(0, 1)[:seq_len]
+    return cache.index_select(0, block_ids).flatten(0, 1)[:seq_len]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -121,12 +121,32 @@ def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         mask = None
     else:
         tables = meta.block_tables[:nd]  # [nd, max_blocks]
-        keys = k_cache[tables].flatten(1, 2).transpose(1, 2)  # [nd, kv_heads, max_blocks*bs, hd]
-        values = v_cache[tables].flatten(1, 2).transpose(1, 2)
+        flat = tables.flatten()  # index_select is much cheaper than advanced indexing here
+        keys = k_cache.index_select(0, flat).view(nd, -1, *k_cache.shape[2:]).transpose(1, 2)  # [nd, kv_heads, max_blocks*bs, hd]
+        values = v_cache.index_select(0, flat).view(nd, -1, *v_cache.shape[2:]).transpose(1, 2)
         mask = meta.decode_mask
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
-                                       enable_gqa=True)  # [nd, heads, 1, hd]
-    return o.squeeze(2)
+    if q.dtype == torch.float32:
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
+                                           enable_gqa=True)  # [nd, heads, 1, hd]
+        return o.squeeze(2)
+    return _grouped_single_query(q, keys, values, mask, scale)
+
+
+def _grouped_single_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Decode attention as two grouped matmuls with a float32 softmax.
+
+    On CPUs, PyTorch's SDPA kernel is several times slower than this for one bf16 query per sequence.
+    q [nd, heads, hd]; keys/values [nd, kv_heads, S, hd]; mask [nd, 1, 1, S] or None -> [nd, heads, hd].
+    """
+    nd, heads, hd = q.shape
+    kv_heads = keys.shape[1]
+    grouped = q.view(nd, kv_heads, heads // kv_heads, hd)  # [nd, kv_heads, group, hd]
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale  # [nd, kv_heads, group, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(weights, values).view(nd, heads, hd)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

@@ -53,13 +53,19 @@ class RotaryEmbedding(nn.Module):
         self.cos = angles.cos()
         self.sin = angles.sin()
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, hd] rotated by each token's position."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)  # [T, 1, hd]
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def tables_for(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for these positions, each [T, 1, hd]; computed once per step, used by every layer."""
+        cos = self.cos.index_select(0, positions).unsqueeze(1).to(dtype)
+        sin = self.sin.index_select(0, positions).unsqueeze(1).to(dtype)
+        return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x [T, heads, hd] rotated by each token's position (HF's rotate_half convention)."""
+    cos, sin = cos_sin
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
 
 
 class Attention(nn.Module):
@@ -73,11 +79,11 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.output_bias)
         self.scale = default_scale(self.head_dim)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, kv: LayerKV,
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv: LayerKV,
                 meta: AttentionMetadata, attention_fn: AttentionFn) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = rope(q.view(-1, self.num_heads, self.head_dim), positions)  # [T, heads, hd]
-        k = rope(k.view(-1, self.num_kv_heads, self.head_dim), positions)  # [T, kv_heads, hd]
+        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos_sin)  # [T, heads, hd]
+        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos_sin)  # [T, kv_heads, hd]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         out = attention_fn(q, k, v, kv[0], kv[1], meta, self.scale)  # [T, heads, hd]
         return self.o_proj(out.flatten(1))
@@ -122,9 +128,9 @@ class LlamaForCausalLM(nn.Module):
                 kv: Sequence[LayerKV]) -> torch.Tensor:
         """tokens, positions [T] -> final hidden states [T, hidden]."""
         h = self.embed_tokens(tokens)
+        cos_sin = self.rope.tables_for(positions, h.dtype)
         for layer, layer_kv in zip(self.layers, kv):
-            h = h + layer.self_attn(layer.input_layernorm(h), positions, self.rope, layer_kv, meta,
-                                    self.attention_fn)
+            h = h + layer.self_attn(layer.input_layernorm(h), cos_sin, layer_kv, meta, self.attention_fn)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.norm(h)
 

