@@ -160,17 +160,22 @@ class CacheConfig:
 class SchedulerConfig:
     """Continuous batching limits: sequences per step, tokens per step, prefill chunking."""
 
+    @property
+    def prefill_chunk(self) -> int:
+        """The most prompt tokens one request computes in one step."""
+        return self.long_prefill_token_threshold or self.max_num_batched_tokens
+
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    long_prefill_token_threshold: int = 512
+    long_prefill_token_threshold: int | None = None  # None: a prefill chunk is bounded by the step budget only
     preemption_mode: str = "recompute"
 
     def __post_init__(self) -> None:
         _require(self.max_num_seqs >= 1, f"max_num_seqs must be at least 1, got {self.max_num_seqs}.")
         _require(self.max_num_batched_tokens >= 1,
                  f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}.")
-        _require(self.long_prefill_token_threshold >= 1,
-                 "long_prefill_token_threshold must be at least 1.")
+        _require(self.long_prefill_token_threshold is None or self.long_prefill_token_threshold >= 1,
+                 "long_prefill_token_threshold must be at least 1 when set.")
         _require(self.preemption_mode in ("recompute", "swap"),
                  f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}.")
 

@@ -105,7 +105,7 @@ class Scheduler:
         )
 
     def _chunk(self, request: Request, computed: int, budget: int) -> int:
-        return min(request.num_tokens - computed, budget, self.config.long_prefill_token_threshold)
+        return min(request.num_tokens - computed, budget, self.config.prefill_chunk)
 
     def _admit(self, request: Request, budget: int, swap_in: list) -> int | None:
         """Give a waiting request its blocks; the number of tokens it computes now, or None."""

@@ -103,9 +103,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         query = q[start:start + q_len].transpose(0, 1)  # [heads, q_len, hd]
         mask = meta.prefill_masks[i - nd] if meta.prefill_masks else \
             causal_mask(q_len, seq_len, meta.sliding_window, q.device)
-        o = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=mask is None,
-                                           scale=scale, enable_gqa=True)
-        out[start:start + q_len] = o.transpose(0, 1)
+        # A leading batch dimension lets PyTorch's CPU flash kernel run (3-D inputs take the slow math path).
+        o = F.scaled_dot_product_attention(query.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                                           attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           enable_gqa=True)  # [1, heads, q_len, hd]
+        out[start:start + q_len] = o[0].transpose(0, 1)
     return out
 
 

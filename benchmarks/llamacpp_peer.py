@@ -1,0 +1,138 @@
+"""llama.cpp as a continuous-batching peer, through llama-cpp-python's low-level API (benchmarks only).
+
+llama-cpp-python's high-level ``Llama`` runs one sequence at a time; llama.cpp itself batches many
+sequences in one ``llama_decode`` (each token tagged with its ``seq_id``, one unified KV cache), which
+is what its C++ server does. This driver does the same: greedy decoding, prompts prefilled in chunks
+of the batch size, a sequence's KV removed the moment it finishes.
+
+Requires ``pip install llama-cpp-python`` (it compiles llama.cpp, about 6 minutes). Never imported by
+the engine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import llama_cpp as L
+
+FTYPES = {"float32": 0, "float16": 1, "bfloat16": 32}  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_BF16
+
+
+def convert(src: Path, dtype: str, cache: Path) -> Path:
+    """The GGUF requantized to a plain float type (llama_model_quantize with allow_requantize)."""
+    if dtype == "native":
+        return src
+    out = cache / f"{src.stem}.{dtype}.gguf"
+    if not out.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        params = L.llama_model_quantize_default_params()
+        params.ftype = FTYPES[dtype]
+        params.allow_requantize = True
+        params.nthread = os.cpu_count() or 1
+        tmp = out.with_suffix(".tmp")
+        if L.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama_model_quantize failed for {dtype}")
+        tmp.rename(out)
+    return out
+
+
+@dataclass
+class _Seq:
+    key: object
+    prompt: list[int]
+    max_tokens: int
+    seq_id: int
+    pos: int = 0
+    output: list[int] = field(default_factory=list)
+    next_token: int | None = None
+    first_token_time: float | None = None
+
+
+class LlamaCppBatched:
+    def __init__(self, path: Path, n_ctx: int, n_seq: int, n_batch: int = 512, threads: int | None = None):
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        mp.use_extra_bufts = False  # the weight-repacking path crashes on this machine (--no-repack)
+        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        cp = L.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, n_seq
+        cp.n_threads = cp.n_threads_batch = threads or os.cpu_count() or 1
+        cp.kv_unified = True  # one KV pool shared by all sequences, like a paged pool
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            raise RuntimeError("llama.cpp could not create a context (KV cache too large?)")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+        self.n_batch, self.n_seq = n_batch, n_seq
+        self.batch = L.llama_batch_init(n_batch, 0, 1)
+        self.free_ids = list(range(n_seq))
+
+    def close(self) -> None:
+        L.llama_batch_free(self.batch)
+        L.llama_free(self.ctx)
+        L.llama_model_free(self.model)
+
+    def _add(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        b = self.batch
+        b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
+        b.seq_id[i][0] = seq_id
+
+    def run(self, requests, clock=time.perf_counter):
+        """requests: [(key, prompt ids, max_tokens, arrival offset s)] -> {key: (tokens, ttft, finish)}."""
+        start = clock()
+        pending = sorted(requests, key=lambda r: r[3])
+        running: list[_Seq] = []
+        prefilling: list[_Seq] = []
+        done = {}
+        while pending or running or prefilling:
+            now = clock() - start
+            while pending and pending[0][3] <= now and self.free_ids:
+                key, prompt, max_tokens, arrival = pending.pop(0)
+                prefilling.append(_Seq((key, arrival), list(prompt), max_tokens, self.free_ids.pop(0)))
+            if not running and not prefilling:
+                time.sleep(max(0.0, pending[0][3] - now))
+                continue
+            n, outputs = 0, []
+            for s in running:  # one token each
+                self._add(n, s.next_token, s.pos, s.seq_id, True)
+                outputs.append((s, n))
+                s.pos += 1
+                n += 1
+            for s in list(prefilling):  # then prompt chunks within the batch budget
+                take = min(len(s.prompt) - s.pos, self.n_batch - n)
+                if take <= 0:
+                    break
+                for j in range(take):
+                    last = s.pos + j == len(s.prompt) - 1
+                    self._add(n, s.prompt[s.pos + j], s.pos + j, s.seq_id, last)
+                    if last:
+                        outputs.append((s, n))
+                    n += 1
+                s.pos += take
+                if s.pos == len(s.prompt):
+                    prefilling.remove(s)
+                    running.append(s)
+            self.batch.n_tokens = n
+            if L.llama_decode(self.ctx, self.batch) != 0:
+                raise RuntimeError("llama_decode failed (KV cache full?)")
+            t = clock() - start
+            for s, i in outputs:
+                row = np.ctypeslib.as_array(L.llama_get_logits_ith(self.ctx, i), shape=(self.n_vocab,))
+                s.next_token = int(row.argmax())
+                s.output.append(s.next_token)
+                s.first_token_time = s.first_token_time if s.first_token_time is not None else t
+                if len(s.output) >= s.max_tokens:
+                    running.remove(s)
+                    L.llama_memory_seq_rm(self.mem, s.seq_id, -1, -1)
+                    self.free_ids.append(s.seq_id)
+                    key, arrival = s.key
+                    done[key] = (s.output, s.first_token_time - arrival, t - arrival)
+        return done
