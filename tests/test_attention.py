@@ -23,8 +23,8 @@ def _case(query_lens, seq_lens, heads, kv_heads, head_dim=8, block_size=4, windo
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]), block_size=block_size,
         num_decodes=sum(1 for q, s in zip(query_lens, seq_lens) if q == 1 and s > 1), sliding_window=window)
     build_masks(meta, "cpu")
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    k_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=gen)
+    v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=gen)
     t = sum(query_lens)
     q = torch.randn(t, heads, head_dim, generator=gen)
     k = torch.randn(t, kv_heads, head_dim, generator=gen)
@@ -38,6 +38,7 @@ def _case(query_lens, seq_lens, heads, kv_heads, head_dim=8, block_size=4, windo
     ([7], [7]),  # a fresh prefill
     ([5], [12]),  # a prefill chunk after cached context
     ([1, 1, 6, 3], [5, 20, 6, 11]),  # decodes first, then prefills with and without context
+    ([1] * 11, [41, 38, 35, 30, 22, 12, 10, 9, 8, 3, 2]),  # several length groups, padded separately
 ])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (4, 1)])
 @pytest.mark.parametrize("window", [None, 3])
@@ -59,11 +60,21 @@ def test_bfloat16_fast_path_matches_reference(query_lens, seq_lens):
     torch.testing.assert_close(fast.float(), slow.float(), atol=2e-2, rtol=2e-2)
 
 
+def test_decode_groups_bound_padding():
+    from kvcache.models.attention import group_decodes
+    lens = [1000, 900, 800, 700, 300, 250, 200, 150, 40, 30, 20, 10, 5]
+    groups = group_decodes(lens)
+    assert groups[0] == (0, 4) and groups[-1][1] == len(lens)
+    assert all(b > a for a, b in groups) and [g[0] for g in groups[1:]] == [g[1] for g in groups[:-1]]
+    padded = sum((b - a) * lens[a] for a, b in groups)
+    assert padded < 1.6 * sum(lens) < len(lens) * lens[0]
+
+
 def test_write_goes_only_to_mapped_slots():
     q, k, v, kc, vc, meta = _case([3], [3], 2, 2)
     before = kc.clone()
     paged_attention(q, k, v, kc, vc, meta, 1.0)
-    flat_before, flat_after = before.flatten(0, 1), kc.flatten(0, 1)
-    changed = (flat_before != flat_after).any(-1).any(-1).nonzero().flatten().tolist()
+    flat_before, flat_after = before.flatten(1, 2), kc.flatten(1, 2)  # [kv_heads, slots, hd]
+    changed = (flat_before != flat_after).any(-1).any(0).nonzero().flatten().tolist()
     assert sorted(changed) == sorted(meta.slot_mapping.tolist())
-    torch.testing.assert_close(flat_after[meta.slot_mapping], k)
+    torch.testing.assert_close(flat_after[:, meta.slot_mapping].transpose(0, 1), k)

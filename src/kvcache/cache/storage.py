@@ -12,7 +12,8 @@ TORCH_TO_KV_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float1
 class KVStorage:
     """All layers' keys and values in one tensor, sized by the planner.
 
-    ``self.kv``: [num_layers, 2, num_blocks, block_size, kv_heads, head_dim]
+    ``self.kv``: [num_layers, 2, kv_heads, num_blocks, block_size, head_dim]
+    Head-major, so a gather by block table gives [kv_heads, tokens, head_dim] with no transpose.
     A slot is ``block_id * block_size + offset``; slot mappings and block tables index into it.
     """
 
@@ -24,11 +25,11 @@ class KVStorage:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.dtype = dtype
-        self.kv = torch.zeros(shape.num_layers, 2, num_blocks, block_size, shape.num_kv_heads,
+        self.kv = torch.zeros(shape.num_layers, 2, shape.num_kv_heads, num_blocks, block_size,
                               shape.head_dim, dtype=dtype, device=device)
 
     def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(key cache, value cache) of one layer, each [num_blocks, block_size, kv_heads, head_dim]."""
+        """(key cache, value cache) of one layer, each [kv_heads, num_blocks, block_size, head_dim]."""
         return self.kv[index, 0], self.kv[index, 1]
 
     @property
@@ -49,13 +50,13 @@ class KVStorage:
             return
         src = torch.tensor([p[0] for p in pairs], device=self.kv.device)
         dst = torch.tensor([p[1] for p in pairs], device=self.kv.device)
-        self.kv[:, :, dst] = self.kv[:, :, src]
+        self.kv[:, :, :, dst] = self.kv[:, :, :, src]
 
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """A copy of some blocks in host memory: [num_layers, 2, len(block_ids), block_size, kv_heads, head_dim]."""
+        """A copy of some blocks in host memory: [num_layers, 2, kv_heads, len(block_ids), block_size, head_dim]."""
         index = torch.tensor(block_ids, device=self.kv.device)
-        return self.kv[:, :, index].to("cpu", copy=True)
+        return self.kv[:, :, :, index].to("cpu", copy=True)
 
     def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         index = torch.tensor(block_ids, device=self.kv.device)
-        self.kv[:, :, index] = data.to(self.kv.device)
+        self.kv[:, :, :, index] = data.to(self.kv.device)

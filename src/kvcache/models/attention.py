@@ -33,7 +33,8 @@ class AttentionMetadata:
     block_size: int
     num_decodes: int  # the first num_decodes sequences have query_len == 1
     sliding_window: int | None = None
-    decode_mask: torch.Tensor | None = None  # [num_decodes, 1, 1, max_blocks * block_size] bool
+    decode_groups: list[tuple[int, int]] = field(default_factory=list)  # decode ranges padded together
+    decode_masks: list[torch.Tensor | None] = field(default_factory=list)  # per group: [1, n, 1, S] bool
     prefill_masks: list[torch.Tensor | None] = field(default_factory=list)  # [q_len, seq_len] bool or None
 
     @property
@@ -56,17 +57,39 @@ def causal_mask(query_len: int, seq_len: int, sliding_window: int | None,
     return allowed
 
 
+def group_decodes(seq_lens: list[int], ratio: float = 0.6, min_group: int = 4) -> list[tuple[int, int]]:
+    """Split decodes (sorted longest first) into ranges padded together, bounding the padding.
+
+    A new group starts when a sequence is shorter than ``ratio`` x its group's longest and the group
+    already has ``min_group`` members, so few groups run and none pads much.
+    """
+    groups, start = [], 0
+    for i in range(1, len(seq_lens)):
+        if seq_lens[i] < ratio * seq_lens[start] and i - start >= min_group:
+            groups.append((start, i))
+            start = i
+    if seq_lens:
+        groups.append((start, len(seq_lens)))
+    return groups
+
+
 def build_masks(meta: AttentionMetadata, device: torch.device | str) -> None:
-    """Fill the decode and prefill masks of ``meta`` (once per step, shared by every layer)."""
-    nd = meta.num_decodes
-    if nd > 1 or (nd == 1 and meta.sliding_window is not None):
-        width = meta.block_tables.shape[1] * meta.block_size
+    """Fill the decode groups, their masks and the prefill masks of ``meta`` (once per step)."""
+    nd, bs = meta.num_decodes, meta.block_size
+    meta.decode_groups = group_decodes(meta.seq_lens[:nd])
+    meta.decode_masks = []
+    for start, end in meta.decode_groups:
+        lens = meta.seq_lens[start:end]
+        if end - start == 1 and meta.sliding_window is None:
+            meta.decode_masks.append(None)  # gathered to its exact length
+            continue
+        width = -(-max(lens) // bs) * bs
         k_pos = torch.arange(width, device=device).unsqueeze(0)  # [1, width]
-        lens = torch.tensor(meta.seq_lens[:nd], device=device).unsqueeze(1)  # [nd, 1]
-        allowed = k_pos < lens
+        lens_t = torch.tensor(lens, device=device).unsqueeze(1)  # [n, 1]
+        allowed = k_pos < lens_t
         if meta.sliding_window is not None:
-            allowed &= k_pos >= lens - meta.sliding_window
-        meta.decode_mask = allowed[:, None, None, :]  # [nd, 1, 1, width]
+            allowed &= k_pos >= lens_t - meta.sliding_window
+        meta.decode_masks.append(allowed[None, :, None, :])  # [1, n, 1, width]
     meta.prefill_masks = [
         None if (q == s and meta.sliding_window is None) else causal_mask(q, s, meta.sliding_window, device)
         for q, s in zip(meta.query_lens[nd:], meta.seq_lens[nd:])
@@ -75,15 +98,20 @@ def build_masks(meta: AttentionMetadata, device: torch.device | str) -> None:
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Scatter this step's keys and values ([num_tokens, kv_heads, head_dim]) into their slots."""
-    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
-    k_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    v_cache.view(num_blocks * block_size, kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    """Scatter this step's keys and values ([num_tokens, kv_heads, head_dim]) into their slots.
+
+    Caches are head-major, [kv_heads, num_blocks, block_size, head_dim], so that a gather by block
+    table yields [kv_heads, ..., tokens, head_dim], the layout the attention matmuls read directly.
+    """
+    kv_heads, num_blocks, block_size, head_dim = k_cache.shape
+    k_cache.view(kv_heads, num_blocks * block_size, head_dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
+    v_cache.view(kv_heads, num_blocks * block_size, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
 
 
 def _gather(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """One sequence's first seq_len tokens of K or V: [seq_len, kv_heads, head_dim]."""
-    return cache.index_select(0, block_ids).flatten(0, 1)[:seq_len]
+    """One sequence's first seq_len tokens of K or V: [kv_heads, seq_len, head_dim]."""
+    kv_heads, _, _, head_dim = cache.shape
+    return cache.index_select(1, block_ids).view(kv_heads, -1, head_dim)[:, :seq_len]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -92,14 +120,17 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decodes
-    if nd:
-        out[:nd] = _batched_decode(q[:nd], k_cache, v_cache, meta, scale)
+    groups = meta.decode_groups or ([(0, nd)] if nd else [])
+    masks = meta.decode_masks or [None] * len(groups)
+    for (start, end), mask in zip(groups, masks):
+        out[start:end] = _batched_decode(q[start:end], k_cache, v_cache, meta.block_tables[start:end],
+                                         meta.seq_lens[start:end], meta.block_size, mask, scale)
     bs = meta.block_size
     for i, start in enumerate(meta.query_starts[nd:], start=nd):
         q_len, seq_len = meta.query_lens[i], meta.seq_lens[i]
         blocks = meta.block_tables[i, : -(-seq_len // bs)]
-        keys = _gather(k_cache, blocks, seq_len).transpose(0, 1)  # [kv_heads, seq_len, hd]
-        values = _gather(v_cache, blocks, seq_len).transpose(0, 1)
+        keys = _gather(k_cache, blocks, seq_len)  # [kv_heads, seq_len, hd]
+        values = _gather(v_cache, blocks, seq_len)
         query = q[start:start + q_len].transpose(0, 1)  # [heads, q_len, hd]
         mask = meta.prefill_masks[i - nd] if meta.prefill_masks else \
             causal_mask(q_len, seq_len, meta.sliding_window, q.device)
@@ -111,59 +142,46 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
-def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """All single-token queries in one SDPA call. q [nd, heads, hd] -> [nd, heads, hd]."""
-    nd = q.shape[0]
-    if nd == 1 and meta.decode_mask is None:  # one sequence: gather exactly its tokens, no mask
-        seq_len = meta.seq_lens[0]
-        blocks = meta.block_tables[0, : -(-seq_len // meta.block_size)]
-        keys = _gather(k_cache, blocks, seq_len).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, seq_len, hd]
-        values = _gather(v_cache, blocks, seq_len).transpose(0, 1).unsqueeze(0)
-        mask = None
-    else:
-        tables = meta.block_tables[:nd]  # [nd, max_blocks]
-        flat = tables.flatten()  # index_select is much cheaper than advanced indexing here
-        keys = k_cache.index_select(0, flat).view(nd, -1, *k_cache.shape[2:]).transpose(1, 2)  # [nd, kv_heads, max_blocks*bs, hd]
-        values = v_cache.index_select(0, flat).view(nd, -1, *v_cache.shape[2:]).transpose(1, 2)
-        mask = meta.decode_mask
-    if q.dtype == torch.float32:
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale,
-                                           enable_gqa=True)  # [nd, heads, 1, hd]
-        return o.squeeze(2)
-    return _grouped_single_query(q, keys, values, mask, scale)
+def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                    seq_lens: list[int], block_size: int, mask: torch.Tensor | None,
+                    scale: float) -> torch.Tensor:
+    """Single-token queries of several sequences at once: two grouped matmuls, a float32 softmax.
 
-
-def _grouped_single_query(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                          mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """Decode attention as two grouped matmuls with a float32 softmax.
-
-    On CPUs, PyTorch's SDPA kernel is several times slower than this for one bf16 query per sequence.
-    q [nd, heads, hd]; keys/values [nd, kv_heads, S, hd]; mask [nd, 1, 1, S] or None -> [nd, heads, hd].
+    q [n, heads, hd] -> [n, heads, hd]. The sequences are padded to the longest of them and ``mask``
+    hides the padding; with no mask, one sequence is gathered to its exact length. (PyTorch's CPU
+    SDPA kernel is several times slower than this for one query per sequence, and wants another
+    layout.)
     """
-    nd, heads, hd = q.shape
-    kv_heads = keys.shape[1]
-    grouped = q.view(nd, kv_heads, heads // kv_heads, hd)  # [nd, kv_heads, group, hd]
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale  # [nd, kv_heads, group, S]
+    n, heads, hd = q.shape
+    kv_heads = k_cache.shape[0]
+    width = -(-max(seq_lens) // block_size)
+    flat = tables[:, :width].flatten()  # [n * width] block ids
+    keys = k_cache.index_select(1, flat).view(kv_heads, n, -1, hd)  # [kv_heads, n, S, hd]
+    values = v_cache.index_select(1, flat).view(kv_heads, n, -1, hd)
+    if mask is None:
+        keys, values = keys[:, :, :seq_lens[0]], values[:, :, :seq_lens[0]]
+    grouped = q.view(n, kv_heads, heads // kv_heads, hd).transpose(0, 1)  # [kv_heads, n, group, hd]
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale  # [kv_heads, n, group, S]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1).to(q.dtype)
-    return torch.matmul(weights, values).view(nd, heads, hd)
+    out = torch.matmul(weights, values)  # [kv_heads, n, group, hd]
+    return out.transpose(0, 1).reshape(n, heads, hd)
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """The same contract as :func:`paged_attention`, written to be read, not to be fast."""
     write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    heads, kv_heads = q.shape[1], k_cache.shape[2]
+    heads, kv_heads = q.shape[1], k_cache.shape[0]
     group = heads // kv_heads
     bs = meta.block_size
     out = torch.empty_like(q)
     for i, start in enumerate(meta.query_starts):
         q_len, seq_len = meta.query_lens[i], meta.seq_lens[i]
         slots = [int(meta.block_tables[i, pos // bs]) * bs + pos % bs for pos in range(seq_len)]
-        keys = k_cache.flatten(0, 1)[slots].float()  # [seq_len, kv_heads, hd]
-        values = v_cache.flatten(0, 1)[slots].float()
+        keys = k_cache.flatten(1, 2)[:, slots].transpose(0, 1).float()  # [seq_len, kv_heads, hd]
+        values = v_cache.flatten(1, 2)[:, slots].transpose(0, 1).float()
         for t in range(q_len):
             position = seq_len - q_len + t
             lo = 0 if meta.sliding_window is None else max(0, position - meta.sliding_window + 1)

@@ -36,11 +36,12 @@ class ModelRunner:
             self.storage.write_blocks(list(block_ids), self.host_blocks.pop(request_id))
         if not plan.sequences:
             return ModelOutput([], torch.empty(0, self.model.config.vocab_size))
-        tokens, positions, meta = self.prepare(plan.sequences)
+        seqs = decodes_longest_first(plan.sequences)
+        tokens, positions, meta = self.prepare(seqs)
         hidden = self.model(tokens, positions, meta, [self.storage.layer(i) for i in
                                                       range(self.model.config.num_layers)])
-        last = torch.tensor(meta_last_indices(plan.sequences), dtype=torch.long, device=self.device)
-        sampled = [s.request_id for s in plan.sequences if s.sample]
+        last = torch.tensor(meta_last_indices(seqs), dtype=torch.long, device=self.device)
+        sampled = [s.request_id for s in seqs if s.sample]
         return ModelOutput(sampled, self.model.compute_logits(hidden[last]))
 
     def drop_host_blocks(self, request_id: str) -> None:
@@ -60,8 +61,7 @@ class ModelRunner:
         width = max(len(s.block_ids) for s in seqs)
         table = [list(s.block_ids) + [0] * (width - len(s.block_ids)) for s in seqs]
         num_decodes = 0
-        while num_decodes < len(seqs) and len(seqs[num_decodes].token_ids) == 1 and \
-                seqs[num_decodes].start_position > 0:
+        while num_decodes < len(seqs) and is_decode(seqs[num_decodes]):
             num_decodes += 1
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
@@ -75,6 +75,16 @@ class ModelRunner:
         build_masks(meta, self.device)
         return (torch.tensor(tokens, dtype=torch.long, device=self.device),
                 torch.tensor(positions, dtype=torch.long, device=self.device), meta)
+
+
+def is_decode(s: ScheduledSequence) -> bool:
+    return len(s.token_ids) == 1 and s.start_position > 0
+
+
+def decodes_longest_first(seqs: tuple[ScheduledSequence, ...]) -> tuple[ScheduledSequence, ...]:
+    """Decodes first, longest first (so length groups are contiguous), then the prefill chunks."""
+    decodes = sorted((s for s in seqs if is_decode(s)), key=lambda s: -s.seq_len)
+    return tuple(decodes) + tuple(s for s in seqs if not is_decode(s))
 
 
 def meta_last_indices(seqs: tuple[ScheduledSequence, ...]) -> list[int]:
