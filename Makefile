@@ -27,7 +27,10 @@ setup-test: $(VENV)/.installed-test
 run: setup
 	$(BIN)/kvcache generate --chat "$(PROMPT)"
 
+# The live-page test drives Debian's headless chromium; install it where it is missing (root, as on CI).
 test: setup-test
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq chromium >/dev/null; } || echo "note: could not install chromium (not root?)"
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: setup-test

@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvcache.cli import chat, generate, size
-
-
-class CliError(Exception):
-    """A person's mistake: printed as one sentence, exit code 2."""
+from kvcache.cli import chat, generate, serve, size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     chat.add_parser(sub)
     size.add_parser(sub)
+    serve.add_parser(sub)
     return parser
 
 

@@ -19,7 +19,7 @@ from kvcache.models.llama import LlamaForCausalLM
 from kvcache.models.loader import LoadedModel, load_model
 from kvcache.runtime.runner import ModelRunner
 from kvcache.runtime.sampler import logprobs_of, make_generator, sample
-from kvcache.sizing import KVShape, kv_bytes, num_blocks_for_budget
+from kvcache.sizing import KVShape, kv_bytes, num_blocks_for_budget, parse_bytes
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
 
@@ -77,7 +77,6 @@ class LLMEngine:
                  max_model_len: int | None = None, device: str | None = None,
                  loaded: LoadedModel | None = None) -> None:
         if isinstance(kv_cache_memory, str):
-            from kvcache.sizing import parse_bytes
             kv_cache_memory = parse_bytes(kv_cache_memory)
         self.cache_config = CacheConfig(block_size, num_blocks, kv_cache_memory, enable_prefix_caching)
         self.scheduler_config = scheduler_config or SchedulerConfig()
@@ -234,8 +233,7 @@ class LLMEngine:
             "num_kv_tokens": sum(r.num_computed_tokens for r in group.samples),
             "peak_kv_blocks": sum(r.peak_blocks for r in group.samples),
             "peak_kv_bytes": sum(r.peak_blocks for r in group.samples) * self.block_bytes,
-            "num_cached_prompt_tokens": first.num_prompt_tokens and min(
-                first.num_prompt_tokens, len(first.block_hashes) * self.cache_config.block_size),
+            "num_cached_prompt_tokens": first.num_cached_prompt_tokens,
         }
         if finished:
             self._groups.pop(group.request_id, None)
@@ -253,6 +251,22 @@ class LLMEngine:
     def kv_bytes_for_tokens(self, num_tokens: int) -> int:
         """What the planner says ``num_tokens`` tokens of this model's KV cost in this dtype."""
         return kv_bytes(self.kv_shape, num_tokens, 1, TORCH_TO_KV_DTYPE[self.storage.dtype]).total_bytes
+
+    def cache_snapshot(self) -> dict[str, Any]:
+        """Who holds which block, as plain data (for the live page): owner index per block, or
+        -1 (free) / -2 (free, still holding a cached prefix); blocks held by several requests."""
+        owners = [-2 if b.block_hash is not None and b.ref_count == 0 else -1 for b in self.pool.blocks]
+        requests = []
+        for index, request in enumerate(self.scheduler.running):
+            group, sample = request.request_id.rsplit("#", 1)
+            requests.append({"id": group, "sample": int(sample), "tokens": request.num_computed_tokens,
+                             "blocks": len(request.block_ids)})
+            for block_id in request.block_ids:
+                if owners[block_id] < 0:
+                    owners[block_id] = index
+        shared = [b.block_id for b in self.pool.blocks if b.ref_count > 1]
+        return {"num_blocks": self.pool.num_blocks, "block_size": self.cache_config.block_size,
+                "owners": owners, "shared": shared, "requests": requests, "stats": self.stats()}
 
     def stats(self) -> dict[str, Any]:
         pool = self.pool
@@ -317,7 +331,9 @@ class LLM:
              sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation (or several) and generate."""
         conversations: Iterable = [messages] if messages and isinstance(messages[0], Mapping) else messages
-        prompts = [self.tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]
+        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(list(c), add_generation_prompt=True),
+                                         add_special_tokens=False)  # the template places BOS itself
+                   for c in conversations]
         return self.generate(prompts, sampling_params)
 
     def stats(self) -> dict[str, Any]:

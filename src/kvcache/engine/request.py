@@ -42,6 +42,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     peak_blocks: int = 0
     output_logprobs: list[dict] = field(default_factory=list)
 

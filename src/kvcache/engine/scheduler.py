@@ -121,6 +121,8 @@ class Scheduler:
         if not self.kv.allocate_slots(request, num_new, cached):
             return None
         self.kv.count_prefix_lookup(request, len(cached))
+        if request.num_preemptions == 0:
+            request.num_cached_prompt_tokens = len(cached) * self.kv.block_size
         return num_new
 
     def _plan(self, request: Request, num_new: int) -> ScheduledSequence:

@@ -1,0 +1,61 @@
+"""Prometheus metrics: engine gauges and counters read at scrape time, latency histograms."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from kvcache.engine.engine import RequestOutput
+
+GAUGES = {
+    "kvcache_kv_cache_usage_ratio": ("kv_cache_usage", "Fraction of KV blocks in use."),
+    "kvcache_kv_blocks_free": ("num_blocks_free", "KV blocks no request holds (cached prefixes included)."),
+    "kvcache_kv_blocks_used": ("num_blocks_used", "KV blocks held by requests."),
+    "kvcache_kv_blocks_cached_free": ("num_blocks_cached_free", "Free KV blocks that still hold a findable prefix."),
+    "kvcache_num_requests_running": ("num_requests_running", "Requests in the running batch."),
+    "kvcache_num_requests_waiting": ("num_requests_waiting", "Requests waiting for admission."),
+    "kvcache_kv_cache_fragmentation_ratio": ("fragmentation", "Allocated KV slots that hold no token."),
+}
+COUNTERS = {  # prometheus-client adds the _total suffix
+    "kvcache_prefix_cache_queries": ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    "kvcache_prefix_cache_hits": ("prefix_cache_hits", "Prompt tokens found in the prefix cache."),
+    "kvcache_num_preemptions": ("num_preemptions", "Requests preempted because KV blocks ran out."),
+}
+
+
+class _EngineCollector:
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.stats = stats
+
+    def collect(self):
+        stats = self.stats()
+        for name, (key, doc) in GAUGES.items():
+            yield GaugeMetricFamily(name, doc, value=stats[key])
+        for name, (key, doc) in COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=stats[key])
+
+
+class Metrics:
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(stats))
+        self.ttft = Histogram("kvcache_time_to_first_token_seconds", "Arrival to first generated token.",
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+                              registry=self.registry)
+        self.tpot = Histogram("kvcache_time_per_output_token_seconds", "Mean time between output tokens.",
+                              buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5),
+                              registry=self.registry)
+
+    def observe(self, out: RequestOutput) -> None:
+        m = out.metrics
+        if m.get("first_token_time") is None:
+            return
+        self.ttft.observe(m["first_token_time"] - m["arrival_time"])
+        tokens = max(len(c.token_ids) for c in out.outputs)
+        if tokens > 1 and m.get("finish_time"):
+            self.tpot.observe((m["finish_time"] - m["first_token_time"]) / (tokens - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
