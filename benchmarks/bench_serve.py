@@ -10,7 +10,9 @@ run (completion tokens counted from the streamed chunks), and, for kvcache, the 
 after the run (0 means every block went back to the pool; the prefix cache holds no reference).
 
 llama.cpp's server is llama-cpp-python's (`python -m llama_cpp.server`, pip install
-'llama-cpp-python[server]'), given the GGUF converted to the same float type as ours.
+'llama-cpp-python[server]'), given the GGUF converted to the same float type as ours, with
+--interrupt_requests False (its default lets each new request cut off the one being streamed,
+which under 64 clients fails all but one). It serves one request at a time.
 """
 
 from __future__ import annotations
@@ -127,7 +129,9 @@ def main() -> None:
             path = convert(default_model_path(), args.dtype, cache_dir() / "bench")
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(path), "--model_alias", "m",
                    "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "8192",
-                   "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count())]
+                   "--n_threads", str(os.cpu_count()), "--n_threads_batch", str(os.cpu_count()),
+                   # by default a new request interrupts the one being streamed; queue them instead
+                   "--interrupt_requests", "False"]
         proc = start(cmd, url)
         try:
             result = asyncio.run(load(url, "m", args.clients, args.requests, args.max_tokens, args.timeout))
