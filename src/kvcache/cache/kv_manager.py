@@ -135,11 +135,15 @@ class KVCacheManager:
         seq.block_ids[-1] = private
 
     def _register_full_blocks(self, seq: CachedSequence, num_tokens_with_kv: int) -> None:
-        """Make blocks that are full once this step's KV is written findable by prefix hash."""
+        """Make blocks that become full in this step findable by prefix hash.
+
+        Blocks full before this step were registered when they filled (or came from the prefix
+        cache), so only blocks from the one holding ``num_computed_tokens`` on are looked at.
+        """
         if not self.pool.enable_prefix_caching:
             return
         self._update_hashes(seq, num_tokens_with_kv)
-        for i in range(num_tokens_with_kv // self.block_size):
+        for i in range(seq.num_computed_tokens // self.block_size, num_tokens_with_kv // self.block_size):
             self.pool.register(seq.block_ids[i], seq.block_hashes[i])
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
