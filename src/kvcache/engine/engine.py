@@ -13,6 +13,7 @@ from kvcache.cache.block_pool import BlockPool
 from kvcache.cache.kv_manager import KVCacheManager
 from kvcache.cache.storage import TORCH_TO_KV_DTYPE, KVStorage
 from kvcache.config import CacheConfig, SamplingParams, SchedulerConfig, parse_model_dtype
+from kvcache.engine.detokenizer import IncrementalDetokenizer
 from kvcache.engine.request import Request, RequestStatus
 from kvcache.engine.scheduler import Scheduler
 from kvcache.models.llama import LlamaForCausalLM
@@ -51,6 +52,7 @@ class _Group:
     params: SamplingParams
     samples: list[Request]
     texts: list[str]
+    detokenizers: list[IncrementalDetokenizer]
 
 
 def build_model(loaded: LoadedModel, dtype: str, device: torch.device) -> LlamaForCausalLM:
@@ -127,7 +129,8 @@ class LLMEngine:
         first = Request(f"{request_id}#0", ids, params, prompt if isinstance(prompt, str) else None,
                         eos_token_ids=self.tokenizer.eos_token_ids)
         self.scheduler.add(first)
-        self._groups[request_id] = _Group(request_id, params, [first], [""])
+        self._groups[request_id] = _Group(request_id, params, [first], [""],
+                                          [IncrementalDetokenizer(self.tokenizer)])
         self._register(first, params.seed)
         return request_id
 
@@ -185,6 +188,7 @@ class LLMEngine:
             self.scheduler.add_running(child)
             group.samples.append(child)
             group.texts.append("")
+            group.detokenizers.append(IncrementalDetokenizer(self.tokenizer))
             seed = None if group.params.seed is None else group.params.seed + index
             self._register(child, seed)
         return group.samples
@@ -204,20 +208,23 @@ class LLMEngine:
     def _stop_reason(self, group: _Group, request: Request, token: int) -> str | None:
         params = group.params
         output = request.output_token_ids
-        text = self.tokenizer.decode(output)
-        if params.stop:
-            hits = [text.find(s) for s in params.stop if s in text]
+        detok = group.detokenizers[request.sample_index]
+        new = detok.add(token)
+        text = detok.text
+        if params.stop and new:
+            # only a stop string overlapping the new text can be new
+            hits = [i for i in (text.find(s, max(0, len(text) - len(new) - len(s) + 1)) for s in params.stop) if i >= 0]
             if hits:
                 group.texts[request.sample_index] = text[:min(hits)]
                 return "stop"
-        group.texts[request.sample_index] = text
-        if not params.ignore_eos and token in request.eos_token_ids:
-            return "stop"
-        if params.stop_token_ids and token in params.stop_token_ids:
-            return "stop"
-        if len(output) >= params.max_tokens or request.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+        reason = None
+        if (not params.ignore_eos and token in request.eos_token_ids) or \
+                (params.stop_token_ids and token in params.stop_token_ids):
+            reason = "stop"
+        elif len(output) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            reason = "length"
+        group.texts[request.sample_index] = detok.final_text() if reason else text
+        return reason
 
     def _output(self, group: _Group) -> RequestOutput:
         first = group.samples[0]
