@@ -8,11 +8,11 @@ sigma 0.8), outputs ~ lognormal(median 64, sigma 0.7), both clipped to [8, 512],
 output length. Reported: output tokens/s over the whole run, time to first token (TTFT) and time per
 output token (TPOT) percentiles.
 
-* ours: LLMEngine, continuous batching, up to 64 sequences, paged KV pool of --kv-tokens tokens.
+* ours: LLMEngine, continuous batching, up to --max-seqs sequences, paged KV pool of --kv-tokens tokens.
 * HF: transformers' generate in static batches, in arrival order; a batch starts when its last
   request has arrived and the previous batch is done, and returns when its longest request is done.
   The batch size is the best of 8/16/32/64 on a probe run.
-* llama.cpp: llama-cpp-python's low-level API batching up to 64 sequences per llama_decode, same
+* llama.cpp: llama-cpp-python's low-level API batching up to --max-seqs sequences per llama_decode, same
   KV budget, the GGUF converted to the same float type (benchmarks/llamacpp_peer.py).
 """
 
@@ -56,9 +56,9 @@ def summarize(name: str, done: dict, requests, wall: float) -> dict:
             "tpot_p50_ms": 1000 * pct(tpot, 0.5), "tpot_p99_ms": 1000 * pct(tpot, 0.99)}
 
 
-def run_ours(loaded, dtype: str, requests, kv_tokens: int) -> dict:
+def run_ours(loaded, dtype: str, requests, kv_tokens: int, max_seqs: int) -> dict:
     engine = LLMEngine(loaded=loaded, dtype=dtype, num_blocks=kv_tokens // 16,
-                       scheduler_config=SchedulerConfig(max_num_seqs=64, max_num_batched_tokens=1024))
+                       scheduler_config=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=1024))
     engine.step()  # nothing queued: warms nothing, allocates nothing, returns at once
     pending = sorted(requests, key=lambda r: r[3])
     arrivals, done = {}, {}
@@ -125,10 +125,10 @@ def run_hf(model, requests, batch_size: int, limit: int | None = None) -> dict:
     return summarize(f"hf-static-{batch_size}", done, reqs, wall)
 
 
-def run_llamacpp(dtype: str, requests, kv_tokens: int) -> dict:
+def run_llamacpp(dtype: str, requests, kv_tokens: int, max_seqs: int) -> dict:
     from llamacpp_peer import LlamaCppBatched, convert
     path = convert(default_model_path(), dtype, cache_dir() / "bench")
-    peer = LlamaCppBatched(path, n_ctx=kv_tokens, n_seq=64, n_batch=1024, threads=torch.get_num_threads())
+    peer = LlamaCppBatched(path, n_ctx=kv_tokens, n_seq=max_seqs, n_batch=1024, threads=torch.get_num_threads())
     start = time.perf_counter()
     done = peer.run(requests)
     wall = time.perf_counter() - start
@@ -144,6 +144,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--engines", default="ours,hf,llamacpp")
     parser.add_argument("--hf-batch", type=int, help="skip the probe and use this static batch size")
+    parser.add_argument("--max-seqs", type=int, default=64, help="parallel sequences for ours and llama.cpp")
     parser.add_argument("--out", help="append JSON lines here")
     args = parser.parse_args()
     loaded = load_model()
@@ -154,10 +155,10 @@ def main() -> None:
     engines = args.engines.split(",")
     for dtype in args.dtypes.split(","):
         if "ours" in engines:
-            results.append(run_ours(loaded, dtype, requests, args.kv_tokens) | {"dtype": dtype})
+            results.append(run_ours(loaded, dtype, requests, args.kv_tokens, args.max_seqs) | {"dtype": dtype})
             print(json.dumps(results[-1]), flush=True)
         if "llamacpp" in engines:
-            results.append(run_llamacpp(dtype, requests, args.kv_tokens) | {"dtype": dtype})
+            results.append(run_llamacpp(dtype, requests, args.kv_tokens, args.max_seqs) | {"dtype": dtype})
             print(json.dumps(results[-1]), flush=True)
         if "hf" in engines:
             model = hf_model(loaded, getattr(torch, dtype))
