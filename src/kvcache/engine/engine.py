@@ -207,7 +207,6 @@ class LLMEngine:
 
     def _stop_reason(self, group: _Group, request: Request, token: int) -> str | None:
         params = group.params
-        output = request.output_token_ids
         detok = group.detokenizers[request.sample_index]
         new = detok.add(token)
         text = detok.text
@@ -221,7 +220,8 @@ class LLMEngine:
         if (not params.ignore_eos and token in request.eos_token_ids) or \
                 (params.stop_token_ids and token in params.stop_token_ids):
             reason = "stop"
-        elif len(output) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        elif request.num_tokens - request.num_prompt_tokens >= params.max_tokens or \
+                request.num_tokens >= self.max_model_len:
             reason = "length"
         group.texts[request.sample_index] = detok.final_text() if reason else text
         return reason

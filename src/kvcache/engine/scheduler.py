@@ -95,9 +95,8 @@ class Scheduler:
         for request, _ in scheduled:
             request.peak_blocks = max(request.peak_blocks, len(request.block_ids))
         self._scheduled = scheduled
-        decodes_first = sorted(scheduled, key=lambda rn: not (rn[1] == 1 and rn[0].num_computed_tokens > 0))
         return SchedulerOutput(
-            sequences=tuple(self._plan(r, n) for r, n in decodes_first),
+            sequences=tuple(self._plan(r, n) for r, n in scheduled),
             block_copies=tuple(self.kv.take_pending_copies()),
             swap_out=tuple(swap_out),
             swap_in=tuple(swap_in),

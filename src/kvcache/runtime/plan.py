@@ -22,7 +22,8 @@ class ScheduledSequence:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    """Decodes first, then prefill chunks; the block moves to perform before the forward."""
+    """The step's sequences (in admission order; the runner lays out their tensors) and the block
+    moves to perform before the forward."""
 
     sequences: tuple[ScheduledSequence, ...] = ()
     block_copies: tuple[tuple[int, int], ...] = ()  # (src, dst) copy-on-write
