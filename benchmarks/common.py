@@ -58,3 +58,22 @@ def memory_read_bandwidth(num_bytes: int = 1 << 30) -> float:
 
 def median(values):
     return statistics.median(values)
+
+
+def cpu_description() -> str:
+    """The CPU model and the vector/matrix features that decide CPU speed (for result headers)."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    model = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"]
+    have = [f for f in wanted if f in flags]
+    import os
+    return f"{model}, {os.cpu_count()} cores; features: {' '.join(have) or 'none of ' + ' '.join(wanted)}"
