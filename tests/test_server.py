@@ -4,9 +4,7 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -15,39 +13,20 @@ import pytest
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
+from live_server import LiveServer  # noqa: E402
+
 pytestmark = pytest.mark.slow
 KEY = "test-key"
 MODEL = "smollm2"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
 def server():
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "kvcache", "serve", "--port", str(port), "--num-blocks", "512",
-                             "--api-key", KEY, "--served-model-name", MODEL, "--max-body-bytes", "200000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("server did not start in 180 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=20)
+    live = LiveServer("--num-blocks", "512", "--api-key", KEY, "--served-model-name", MODEL,
+                      "--max-body-bytes", "200000")
+    yield live.url
+    live.stop()
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +35,7 @@ def client(server):
 
 
 def _metric(server, name):
-    text = httpx.get(f"{server}/metrics").text
+    text = httpx.get(f"{server}/metrics", headers=AUTH).text
     match = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
     assert match, f"{name} missing from /metrics"
     return float(match.group(1))
@@ -185,7 +164,7 @@ def test_dropped_stream_returns_its_blocks(server):
         time.sleep(0.2)
     assert _metric(server, "kvcache_kv_blocks_used") == 0  # only the prefix cache may remember blocks
     assert _metric(server, "kvcache_num_requests_running") == 0
-    state = httpx.get(f"{server}/state").json()
+    state = httpx.get(f"{server}/state", headers=AUTH).json()
     assert all(o < 0 for o in state["owners"])
 
 
@@ -209,7 +188,7 @@ def test_many_clients_share_the_batch(server, client):
 
 def test_metrics_names(server, client):
     client.completions.create(model=MODEL, prompt="Metrics", max_tokens=3)
-    text = httpx.get(f"{server}/metrics").text
+    text = httpx.get(f"{server}/metrics", headers=AUTH).text
     for name in ("kvcache_kv_cache_usage_ratio", "kvcache_kv_blocks_free", "kvcache_num_requests_running",
                  "kvcache_num_requests_waiting", "kvcache_prefix_cache_queries_total",
                  "kvcache_prefix_cache_hits_total", "kvcache_num_preemptions_total",
@@ -239,7 +218,7 @@ def test_live_page_in_headless_chromium(server, client, tmp_path):
         dom = subprocess.run(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={tmp_path}",
-             "--virtual-time-budget=5000", "--dump-dom", f"{server}/"],
+             "--virtual-time-budget=5000", "--dump-dom", f"{server}/#key={KEY}"],
             capture_output=True, text=True, timeout=120).stdout
     assert 'data-ready="1"' in dom
     assert dom.count('class="blk') == 512

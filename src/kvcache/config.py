@@ -7,6 +7,7 @@ Derived values are returned by methods, not stored back.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -189,9 +190,38 @@ def parse_model_dtype(dtype: str) -> str:
     return aliases[dtype.lower()]
 
 
+SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed accepts
+GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing logits by it would overflow
+MAX_SALT_CHARS = 256
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def is_text(value: Any) -> bool:
+    """A str that is valid Unicode text (no lone surrogates), so it can be encoded and hashed."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens and when to stop; the names and defaults follow vLLM."""
+    """How to pick tokens and when to stop; the names and defaults follow vLLM.
+
+    Every field is checked here, so a request that is built is one the engine can run: seeds fit a
+    64-bit generator (sample i of n uses (seed + i) mod 2**64), temperatures and top_p are finite,
+    a temperature below 1e-5 means greedy, strings are valid Unicode.
+    """
 
     n: int = 1
     max_tokens: int = 16
@@ -206,19 +236,35 @@ class SamplingParams:
     cache_salt: str | None = None
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.n, int) and self.n >= 1, f"n must be at least 1, got {self.n}.")
-        _require(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-                 f"max_tokens must be at least 1, got {self.max_tokens}.")
+        for name in ("n", "max_tokens"):
+            value = getattr(self, name)
+            _require(_is_int(value), f"{name} must be an integer, got {value!r}.")
+            _require(value >= 1, f"{name} must be at least 1, got {value}.")
+        for name in ("temperature", "top_p"):
+            _require(_is_real(getattr(self, name)), f"{name} must be a finite number, got {getattr(self, name)!r}.")
         _require(self.temperature >= 0, f"temperature must be at least 0, got {self.temperature}.")
         _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}.")
-        _require(self.top_k == -1 or self.top_k >= 1, f"top_k must be -1 (off) or at least 1, got {self.top_k}.")
-        _require(self.logprobs is None or 0 <= self.logprobs <= 20,
-                 f"logprobs must be between 0 and 20, got {self.logprobs}.")
+        _require(_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 1),
+                 f"top_k must be -1 (off) or an integer of at least 1, got {self.top_k!r}.")
+        _require(self.seed is None or (_is_int(self.seed) and SEED_MIN <= self.seed <= SEED_MAX),
+                 f"seed must be an integer between {SEED_MIN} and {SEED_MAX}, got {self.seed!r}.")
+        _require(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
+                 f"logprobs must be an integer between 0 and 20, got {self.logprobs!r}.")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
-        _require(all(isinstance(s, str) and s for s in self.stop or ()),
-                 "stop must be a string or a list of non-empty strings.")
+        _require(all(is_text(s) and s for s in self.stop or ()),
+                 "stop must be a string or a list of non-empty strings of valid Unicode text.")
+        _require(all(_is_int(t) and t >= 0 for t in self.stop_token_ids or ()),
+                 "stop_token_ids must be a list of non-negative token ids.")
+        salt = self.cache_salt
+        _require(salt is None or (is_text(salt) and 0 < len(salt) <= MAX_SALT_CHARS),
+                 f"cache_salt must be a non-empty string of valid Unicode text, at most {MAX_SALT_CHARS} "
+                 "characters (leave it out to share the unsalted prefix cache).")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
+
+    def sample_seed(self, index: int) -> int | None:
+        """The seed of sample ``index`` of n: seed + index, wrapped into the generator's 64 bits."""
+        return None if self.seed is None else (self.seed + index) % (1 << 64)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
@@ -12,7 +13,7 @@ import torch
 from kvcache.cache.block_pool import BlockPool
 from kvcache.cache.kv_manager import KVCacheManager
 from kvcache.cache.storage import TORCH_TO_KV_DTYPE, KVStorage
-from kvcache.config import CacheConfig, SamplingParams, SchedulerConfig, parse_model_dtype
+from kvcache.config import CacheConfig, SamplingParams, SchedulerConfig, is_text, parse_model_dtype
 from kvcache.engine.detokenizer import IncrementalDetokenizer
 from kvcache.engine.request import Request, RequestStatus
 from kvcache.engine.scheduler import Scheduler
@@ -23,6 +24,7 @@ from kvcache.runtime.sampler import logprobs_of, make_generator, sample
 from kvcache.sizing import KVShape, kv_bytes, num_blocks_for_budget, parse_bytes
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
+log = logging.getLogger("kvcache.engine")
 
 
 @dataclass
@@ -42,6 +44,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # set when this request alone failed inside a step; it is finished
 
 
 @dataclass
@@ -53,6 +56,12 @@ class _Group:
     samples: list[Request]
     texts: list[str]
     detokenizers: list[IncrementalDetokenizer]
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or (len(self.samples) == self.params.n
+                                          and all(r.is_finished for r in self.samples))
 
 
 def build_model(loaded: LoadedModel, dtype: str, device: torch.device) -> LlamaForCausalLM:
@@ -109,9 +118,13 @@ class LLMEngine:
 
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
+            if not is_text(prompt):
+                raise ValueError("The prompt is not valid Unicode text (it holds a lone surrogate).")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            ids = list(prompt) if isinstance(prompt, Sequence) else None
+            if ids is None or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("A prompt is a string or a list of integer token ids.")
             if any(t < 0 or t >= self.model_config.vocab_size for t in ids):
                 raise ValueError(f"Prompt token ids must lie in [0, {self.model_config.vocab_size}).")
         if not ids:
@@ -120,33 +133,62 @@ class LLMEngine:
 
     def add_request(self, request_id: str | None, prompt: str | Sequence[int],
                     params: SamplingParams | None = None) -> str:
-        """Queue a prompt (text or token ids); returns its request id. Raises ValueError on bad input."""
+        """Queue a prompt (text or token ids); returns its request id.
+
+        Everything that can fail is checked before the request touches the scheduler, so a
+        ValueError (bad input) leaves nothing behind."""
         params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}.")
         request_id = request_id if request_id is not None else str(next(self._ids))
-        if request_id in self._groups:
-            raise ValueError(f"Request id {request_id!r} is already in use.")
+        if not isinstance(request_id, str) or request_id in self._groups:
+            raise ValueError(f"Request id {request_id!r} is already in use or is not a string.")
         ids = self.encode_prompt(prompt)
+        if any(t >= self.model_config.vocab_size for t in params.stop_token_ids or ()):
+            raise ValueError(f"stop_token_ids must lie in [0, {self.model_config.vocab_size}).")
         first = Request(f"{request_id}#0", ids, params, prompt if isinstance(prompt, str) else None,
                         eos_token_ids=self.tokenizer.eos_token_ids)
+        self.scheduler.check_fits(first)
+        generator = make_generator(params.sample_seed(0), self.device)
         self.scheduler.add(first)
         self._groups[request_id] = _Group(request_id, params, [first], [""],
                                           [IncrementalDetokenizer(self.tokenizer)])
-        self._register(first, params.seed)
+        self._register(first, generator)
         return request_id
 
-    def _register(self, request: Request, seed: int | None) -> None:
+    def max_new_tokens(self, num_prompt_tokens: int) -> int:
+        """The most tokens a request with this prompt may generate: what the context and an empty
+        pool can both hold (0 if even the prompt plus one token cannot fit)."""
+        capacity = min(self.max_model_len, self.pool.num_blocks * self.cache_config.block_size)
+        return max(0, capacity - num_prompt_tokens)
+
+    def _register(self, request: Request, generator: torch.Generator) -> None:
         self._requests[request.request_id] = request
-        self._generators[request.request_id] = make_generator(seed, self.device)
+        self._generators[request.request_id] = generator
 
     def abort(self, request_id: str) -> None:
         """Stop a request now; its blocks return to the pool (or stay only in the prefix cache)."""
         group = self._groups.pop(request_id, None)
         if group is None:
             return
+        self._finish_group(group, "abort")
+        for request in group.samples:
+            self._forget(request)
+
+    def abort_all(self, reason: str) -> list[str]:
+        """End every request now (after a failure that no single request can be blamed for);
+        every block goes back to the pool. Returns the ids of the requests ended."""
+        ended = list(self._groups)
+        log.error("ending all %d requests: %s", len(ended), reason)
+        for request_id in ended:
+            self.abort(request_id)
+        self.scheduler.forget_step()
+        return ended
+
+    def _finish_group(self, group: _Group, reason: str) -> None:
         for request in group.samples:
             if not request.is_finished:
-                self.scheduler.finish(request, "abort")
-            self._forget(request)
+                self.scheduler.finish(request, reason)
 
     def _forget(self, request: Request) -> None:
         self._requests.pop(request.request_id, None)
@@ -171,9 +213,16 @@ class LLMEngine:
         for request in due:
             logits = output.logits[rows[request.request_id]]
             group = self._groups[request.request_id.rsplit("#", 1)[0]]
-            for sample_request in self._fork_if_first(group, request):
-                self._append_token(group, sample_request, logits, now)
             touched[group.request_id] = group
+            if group.error is not None:
+                continue
+            try:
+                for sample_request in self._fork_if_first(group, request):
+                    self._append_token(group, sample_request, logits, now)
+            except Exception as err:  # this request alone ends; the batch goes on
+                log.exception("request %s failed in a step and was ended alone", group.request_id)
+                group.error = f"The engine failed on this request ({type(err).__name__})."
+                self._finish_group(group, "error")
         return [self._output(g) for g in touched.values()]
 
     def _fork_if_first(self, group: _Group, request: Request) -> list[Request]:
@@ -184,13 +233,14 @@ class LLMEngine:
             child = Request(f"{group.request_id}#{index}", request.prompt_token_ids, group.params,
                             request.prompt, eos_token_ids=request.eos_token_ids,
                             arrival_time=request.arrival_time, sample_index=index)
-            self.kv.fork(request, child)
-            self.scheduler.add_running(child)
+            generator = make_generator(group.params.sample_seed(index), self.device)
+            # joins the group before it holds blocks, so a failure below still frees them
             group.samples.append(child)
             group.texts.append("")
             group.detokenizers.append(IncrementalDetokenizer(self.tokenizer))
-            seed = None if group.params.seed is None else group.params.seed + index
-            self._register(child, seed)
+            self._register(child, generator)
+            self.kv.fork(request, child)
+            self.scheduler.add_running(child)
         return group.samples
 
     def _append_token(self, group: _Group, request: Request, logits: torch.Tensor, now: float) -> None:
@@ -228,7 +278,7 @@ class LLMEngine:
 
     def _output(self, group: _Group) -> RequestOutput:
         first = group.samples[0]
-        finished = len(group.samples) == group.params.n and all(r.is_finished for r in group.samples)
+        finished = group.finished
         outputs = [CompletionOutput(r.sample_index, group.texts[r.sample_index], list(r.output_token_ids),
                                     r.finish_reason, list(r.output_logprobs) if group.params.logprobs is not None
                                     else None) for r in group.samples]
@@ -247,7 +297,7 @@ class LLMEngine:
             for r in group.samples:
                 self._forget(r)
         return RequestOutput(group.request_id, first.prompt, list(first.prompt_token_ids), outputs,
-                             finished, metrics)
+                             finished, metrics, group.error)
 
     # --- introspection ------------------------------------------------------------------------
 

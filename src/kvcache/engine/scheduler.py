@@ -157,6 +157,10 @@ class Scheduler:
         self._scheduled = []
         return due
 
+    def forget_step(self) -> None:
+        """Drop the step in flight (its execution failed): nothing it scheduled advances."""
+        self._scheduled = []
+
     # --- endings ----------------------------------------------------------------------------
 
     def finish(self, request: Request, reason: str) -> None:

@@ -19,14 +19,18 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """Mask logits outside top-k and the top-p nucleus with -inf. logits [V] float32."""
+    """Mask logits outside top-k and the top-p nucleus with -inf. logits [V] float32.
+
+    The most likely token always survives, so the candidate set is never empty (top_p may be as
+    small as the smallest positive float, which is 0 in float32)."""
     if top_k > 0 and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-        drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses p
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the token that crosses p
+        drop[0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return logits
 
@@ -40,8 +44,9 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         if p.greedy:
             tokens.append(greedy[row])
             continue
-        filtered = _filter(logits[row] / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(filtered, dim=-1)
+        # shifted so the largest is 0: no overflow for any temperature the params accept
+        scaled = (logits[row] - logits[row].max()) / p.temperature
+        probs = torch.softmax(_filter(scaled, p.top_k, p.top_p), dim=-1)
         tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
     return tokens
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
+import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -13,35 +14,47 @@ from typing import Any, AsyncIterator, Callable, Iterator
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from kvcache.config import SamplingParams
 from kvcache.engine.engine import RequestOutput
+from kvcache.server.auth import RequireKey
 from kvcache.server.engine_loop import EngineLoop
 from kvcache.server.metrics import Metrics
-from kvcache.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse_body
+from kvcache.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_body
 from kvcache.server.responses import (StreamState, base, chat_logprobs, completion_logprobs, sse, stream_deltas,
                                       usage)
 
-DEFAULT_MAX_BODY = 4 << 20  # 4 MiB
+log = logging.getLogger("kvcache.server")
+OPEN_PATHS = ("/health", "/")  # answer without the API key: liveness, and the page's static HTML
+BODY_TIMEOUT = 30.0  # seconds a client may take to send its whole request body
+DISCONNECT_POLL = 0.25  # seconds between checks that a non-streaming client is still there
 
 
 class _ClientGone(Exception):
     pass
 
 
-def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY) -> FastAPI:
+def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, limits: Limits = Limits(),
+               metrics_open: bool = False) -> FastAPI:
+    """The HTTP API over ``loop``. With ``api_key``, every route but /health and the page's HTML
+    needs it (``metrics_open`` leaves /metrics open for a scraper)."""
     engine = loop.engine
     tokenizer = engine.tokenizer
     metrics = Metrics(lambda: loop.last_stats)
     loop.on_finished = metrics.observe
     started = int(time.time())
+    # Tokenizing and chat templates run here, never on the event loop, so a huge prompt cannot
+    # hold up /health or other clients.
+    text_work = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvcache-text")
+    open_paths = OPEN_PATHS + (("/metrics",) if metrics_open else ())
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loop.start()
         yield
         loop.stop()
+        text_work.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kvcache", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -53,32 +66,59 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
 
-    @app.middleware("http")
-    async def require_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                err = APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'.",
-                               code="invalid_api_key")
-                return JSONResponse(err.body(), status_code=401)
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        if isinstance(err, (RecursionError, UnicodeError)):
+            body = APIError(400, "The request could not be read as text (bad encoding or nesting).").body()
+            return JSONResponse(body, status_code=400)
+        log.error("unexpected %s on %s %s", type(err).__name__, request.method, request.url.path,
+                  exc_info=err)
+        body = APIError(500, "The server failed on this request; it has been logged.", type_="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    if api_key:
+        app.add_middleware(RequireKey, api_key=api_key, open_paths=open_paths)
 
     async def read_body(request: Request) -> bytes:
+        limit = limits.max_body_bytes
         length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_body_bytes:
-            raise APIError(413, f"The request body is larger than {max_body_bytes} bytes.")
+        if length and length.isdigit() and int(length) > limit:
+            raise APIError(413, f"The request body is larger than {limit} bytes.")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                raise APIError(413, f"The request body is larger than {max_body_bytes} bytes.")
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise APIError(413, f"The request body is larger than {limit} bytes.")
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise APIError(408, f"The request body did not arrive within {BODY_TIMEOUT:.0f} s.") from None
+        except ClientDisconnect:
+            raise _ClientGone() from None
         return b"".join(chunks)
+
+    async def off_loop(fn: Callable, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(text_work, fn, *args)
 
     def check_model(name: str) -> None:
         if name != model_name:
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{model_name}'.",
                            "model", "model_not_found")
+
+    def choose_max_tokens(prompt_len: int, wanted: int | None, default: int | None = None,
+                          param: str = "prompt") -> int:
+        """``wanted`` or, when the client gave none, ``default`` capped by what the context and the
+        pool can serve (all of it when there is no default)."""
+        room = engine.max_new_tokens(prompt_len)
+        if room < 1:
+            raise APIError(400, f"The prompt has {prompt_len} tokens, which leaves no room for a completion: "
+                                f"this server's context length is {engine.max_model_len} tokens and its KV "
+                                f"cache holds {engine.pool.num_blocks * engine.cache_config.block_size}.",
+                           param, "context_length_exceeded")
+        if wanted is not None:
+            return wanted
+        return min(default, room) if default else room
 
     def sampling(req, max_tokens: int, logprobs: int | None, prompt_len: int) -> SamplingParams:
         if prompt_len + max_tokens > engine.max_model_len:
@@ -100,18 +140,34 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
             raise APIError(400, str(err)) from None
 
     async def final_output(outputs: asyncio.Queue, request: Request, request_id: str) -> RequestOutput:
-        while True:
-            try:
-                out = await asyncio.wait_for(outputs.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    loop.abort(request_id)
-                    raise _ClientGone() from None
-                continue
-            if isinstance(out, Exception):
-                raise APIError(500, "The engine failed on this request.", type_="server_error")
-            if out.finished:
-                return out
+        """The request's last output; aborts it within DISCONNECT_POLL of its client leaving, however
+        fast tokens arrive."""
+        async def last() -> RequestOutput | Exception:
+            while True:
+                out = await outputs.get()
+                if isinstance(out, Exception) or out.finished:
+                    return out
+
+        async def client_left() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(DISCONNECT_POLL)
+
+        waiters = [asyncio.ensure_future(last()), asyncio.ensure_future(client_left())]
+        try:
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+        if waiters[0] not in done:
+            loop.abort(request_id)
+            raise _ClientGone()
+        out = waiters[0].result()
+        if isinstance(out, Exception) or out.error:
+            raise APIError(500, engine_failure(out), type_="server_error")
+        return out
+
+    def engine_failure(out: RequestOutput | Exception) -> str:
+        return out.error if isinstance(out, RequestOutput) and out.error else "The engine failed on this request."
 
     @app.exception_handler(_ClientGone)
     async def client_gone(_: Request, __: _ClientGone) -> Response:
@@ -120,8 +176,12 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
     # --- routes ----------------------------------------------------------------------------------
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        problem = loop.health()
+        if problem:
+            return JSONResponse(APIError(503, f"Unhealthy: {problem}.", type_="server_error").body()
+                                | {"status": "unhealthy"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -154,10 +214,11 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
                 raise APIError(400, "Send one prompt per request (this server takes a string or token ids).",
                                "prompt")
             prompt = prompt[0]
-        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        limits.check(req, len(prompt))
+        ids = await off_loop(tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise APIError(400, "The prompt is empty.", "prompt")
-        params = sampling(req, req.max_tokens or 16, req.logprobs, len(ids))
+        params = sampling(req, choose_max_tokens(len(ids), req.max_tokens, default=16), req.logprobs, len(ids))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         outputs = await submit(request_id, ids, params)
         if req.stream:
@@ -178,8 +239,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
         try:
             while True:
                 out = await outputs.get()
-                if isinstance(out, Exception):
-                    yield sse(APIError(500, "The engine failed on this request.", type_="server_error").body())
+                if isinstance(out, Exception) or out.error:
+                    yield sse(APIError(500, engine_failure(out), type_="server_error").body())
                     break
                 state.widen(len(out.outputs))
                 for choice in choices_for(state, out):
@@ -190,6 +251,10 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
             if final is not None and include_usage:
                 yield sse(base(kind, request_id, model_name, created) | {"choices": [], "usage": usage(final)})
             yield "data: [DONE]\n\n"
+        except Exception:  # headers are sent: the error can only travel as an event
+            log.exception("stream of %s failed", request_id)
+            yield sse(APIError(500, "The server failed on this request; it has been logged.",
+                               type_="server_error").body())
         finally:
             if final is None:
                 loop.abort(request_id)
@@ -215,18 +280,25 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None,
                     yield {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}
         return choices
 
+    def render_chat(messages: list[dict[str, str]]) -> list[int]:
+        try:
+            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as err:
+            raise APIError(400, str(err), "messages") from None
+        return tokenizer.encode(prompt, add_special_tokens=False)
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = parse_body(await read_body(request), ChatCompletionRequest)
         check_model(req.model)
         req.check_unsupported()
+        if len(req.messages) > limits.max_messages:
+            raise APIError(400, f"At most {limits.max_messages} messages per request; got {len(req.messages)}.",
+                           "messages")
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        try:
-            prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        except ValueError as err:
-            raise APIError(400, str(err), "messages") from None
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
-        max_tokens = req.max_completion_tokens or req.max_tokens or max(1, engine.max_model_len - len(ids))
+        limits.check(req, sum(len(m["content"]) for m in messages))
+        ids = await off_loop(render_chat, messages)
+        max_tokens = choose_max_tokens(len(ids), req.max_completion_tokens or req.max_tokens, param="messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling(req, max_tokens, top, len(ids))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

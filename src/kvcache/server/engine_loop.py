@@ -8,6 +8,7 @@ any request is unfinished and hands each output to its request's asyncio queue.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -19,6 +20,8 @@ from kvcache.config import SamplingParams
 from kvcache.engine.engine import LLMEngine, RequestOutput
 
 HISTORY_POINTS = 600
+STUCK_AFTER = 60.0  # seconds one step or command may take before /health calls the loop stuck
+log = logging.getLogger("kvcache.server")
 
 
 @dataclass
@@ -54,6 +57,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kvcache-engine", daemon=True)
         self.last_stats: dict[str, Any] = engine.stats()
+        self._beat = time.monotonic()  # last time the loop came round; read by health()
 
     def start(self) -> None:
         self._thread.start()
@@ -64,6 +68,15 @@ class EngineLoop:
         self._thread.join(timeout=10)
 
     # --- called from HTTP handlers (any thread) ----------------------------------------------
+
+    def health(self) -> str | None:
+        """None when the loop is alive and coming round; otherwise why it is not."""
+        if not self._thread.is_alive():
+            return "the engine loop has stopped"
+        stalled = time.monotonic() - self._beat
+        if stalled > STUCK_AFTER:
+            return f"the engine loop has not come round for {stalled:.0f} s"
+        return None
 
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run ``fn`` on the engine thread between steps; its result (or exception) in a future."""
@@ -91,6 +104,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._beat = time.monotonic()
             busy = self.engine.has_unfinished_requests()
             if self._run_commands(block=not busy) or not busy:
                 self.last_stats = self.engine.stats()  # aborts change the pool between steps
@@ -117,7 +131,8 @@ class EngineLoop:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as err:  # a bug must not take the server down with every client's request
+        except Exception as err:  # a bug must not take the server down: end what was running, go on
+            log.exception("an engine step failed; ending the requests in flight")
             self._fail_all(err)
             return
         for out in outputs:
@@ -132,7 +147,9 @@ class EngineLoop:
         self.history.record(self.last_stats)
 
     def _fail_all(self, err: Exception) -> None:
-        for request_id, subscriber in list(self._subscribers.items()):
-            self.engine.abort(request_id)
-            subscriber.loop.call_soon_threadsafe(subscriber.outputs.put_nowait, err)
-        self._subscribers.clear()
+        """End every request in the engine, with a client or not, so that no orphan is left."""
+        for request_id in self.engine.abort_all(f"{type(err).__name__}: {err}"):
+            subscriber = self._subscribers.pop(request_id, None)
+            if subscriber:
+                subscriber.loop.call_soon_threadsafe(subscriber.outputs.put_nowait, err)
+        self.last_stats = self.engine.stats()

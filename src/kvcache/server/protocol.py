@@ -3,11 +3,45 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 MAX_N = 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server; each is a 400 that names the limit when exceeded.
+
+    Stop strings are searched for by every sample at every token, so n x (number of stop strings)
+    is bounded as well as the count and length of each."""
+
+    max_body_bytes: int = 4 << 20
+    max_prompt_chars: int = 1 << 20
+    max_messages: int = 1024
+    max_stop: int = 16
+    max_stop_chars: int = 256
+    max_stop_work: int = 64  # n x number of stop strings
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"The server limit {name} must be a positive integer, got {value!r}.")
+
+    def check(self, req: "_Common", prompt_chars: int) -> None:
+        if prompt_chars > self.max_prompt_chars:
+            raise APIError(400, f"The prompt has {prompt_chars} characters; this server takes at most "
+                                f"{self.max_prompt_chars} per request.", "prompt", "prompt_too_long")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > self.max_stop:
+            raise APIError(400, f"At most {self.max_stop} stop strings per request; got {len(stops)}.", "stop")
+        if any(len(s) > self.max_stop_chars for s in stops):
+            raise APIError(400, f"Each stop string may have at most {self.max_stop_chars} characters.", "stop")
+        if req.n * len(stops) > self.max_stop_work:
+            raise APIError(400, f"n x (number of stop strings) may be at most {self.max_stop_work}; "
+                                f"got {req.n} x {len(stops)}.", "stop")
 
 
 class APIError(Exception):
@@ -27,7 +61,7 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str
     n: int = Field(1, ge=1, le=MAX_N)
@@ -52,7 +86,7 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[int], list[str]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: 16, or less where the pool holds less
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
 
@@ -63,7 +97,7 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[ContentPart], None] = None
@@ -94,12 +128,28 @@ def parse_body(raw: bytes, schema: type[BaseModel]) -> Any:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         raise APIError(400, f"The request body is not valid JSON: {err.msg} at position {err.pos}.") from None
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply.") from None
     if not isinstance(data, dict):
         raise APIError(400, "The request body must be a JSON object.")
+    _require_unicode(data)
     try:
         return schema.model_validate(data)
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply.") from None
     except ValidationError as err:
         first = err.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
         raise APIError(400, f"Invalid value for '{param}': {first['msg']}." if param else first["msg"],
                        param) from None
+
+
+def _require_unicode(data: Any) -> None:
+    """Refuse strings that JSON can carry but text cannot: lone UTF-16 surrogates ("\\ud800")."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "The request holds a lone Unicode surrogate (such as \\ud800), which is not "
+                            "valid text; send well-formed UTF-16 pairs or the characters themselves.") from None
+    except RecursionError:
+        raise APIError(400, "The request body is nested too deeply.") from None
