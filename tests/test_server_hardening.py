@@ -354,3 +354,49 @@ def test_fuzzed_bodies_get_2xx_or_4xx_and_the_long_stream_completes(server):
     stream.finish()
     wait_idle(server)
     assert "Traceback" not in server.log()
+
+
+# --- the engine loop: a failed step ends what was in flight, a stuck loop is unhealthy --------------
+
+def test_engine_loop_survives_a_failed_step_and_reports_a_stuck_loop(smollm_engine_factory):
+    import asyncio
+
+    from kvcache.config import SamplingParams
+    from kvcache.server.engine_loop import EngineLoop
+
+    engine = smollm_engine_factory(num_blocks=64)
+    loop = EngineLoop(engine, stuck_after=0.5)
+    real_execute = engine.runner.execute
+    calls = {"n": 0}
+
+    def fail_once(plan):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected failure of a whole step")
+        return real_execute(plan)
+    engine.runner.execute = fail_once  # a fault injected into one step of the real runner
+
+    async def scenario():
+        params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+        first = await loop.add("a", "Tell me a story", params)
+        orphan = SamplingParams(max_tokens=20)
+        await asyncio.wrap_future(loop.call(lambda: engine.add_request("no-client", "Hello", orphan)))
+        while not isinstance(out := await first.get(), Exception) and not out.finished:
+            pass
+        assert isinstance(out, RuntimeError)
+        later = await loop.add("b", "The capital of France is", SamplingParams(max_tokens=4, temperature=0))
+        while not (out := await later.get()).finished:
+            pass
+        return out
+    loop.start()
+    try:
+        out = asyncio.run(scenario())
+        assert out.error is None and len(out.outputs[0].token_ids) == 4
+        assert loop.call(lambda: (engine.pool.num_used, engine.has_unfinished_requests())).result(10) == (0, False)
+        assert loop.health() is None
+        loop.call(lambda: time.sleep(1.5))
+        time.sleep(1.0)
+        assert "has not come round" in loop.health()
+    finally:
+        loop.stop()
+    assert "stopped" in loop.health()

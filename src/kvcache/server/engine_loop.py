@@ -48,8 +48,10 @@ class History:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, on_finished: Callable[[RequestOutput], None] | None = None) -> None:
+    def __init__(self, engine: LLMEngine, on_finished: Callable[[RequestOutput], None] | None = None,
+                 stuck_after: float = STUCK_AFTER) -> None:
         self.engine = engine
+        self.stuck_after = stuck_after
         self.on_finished = on_finished
         self.history = History()
         self._commands: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
@@ -74,7 +76,7 @@ class EngineLoop:
         if not self._thread.is_alive():
             return "the engine loop has stopped"
         stalled = time.monotonic() - self._beat
-        if stalled > STUCK_AFTER:
+        if stalled > self.stuck_after:
             return f"the engine loop has not come round for {stalled:.0f} s"
         return None
 
