@@ -1,12 +1,28 @@
-"""The fast paged attention against the plain reference, on random data and scrambled block tables."""
+"""The fast paged attention against the plain reference, on random data and scrambled block tables,
+for every KV cache format (the reference reads the whole cache decoded to float32)."""
 
 import pytest
 import torch
 
+from kvcache.cache.spec import KVCacheGroup, KVSpec
+from kvcache.cache.storage import KVCache
 from kvcache.models.attention import AttentionMetadata, build_masks, paged_attention, reference_attention
 
+FORMATS = ["fp32", "bf16", "fp16", "fp8", "int8", "int4"]
 
-def _case(query_lens, seq_lens, heads, kv_heads, head_dim=8, block_size=4, window=None, seed=0):
+
+def _filled_cache(kv_heads, head_dim, num_blocks, block_size, kv_format, seed):
+    """A one-layer cache whose every slot holds random K/V (written through the format)."""
+    gen = torch.Generator().manual_seed(seed)
+    cache = KVCache((KVCacheGroup(0, KVSpec(kv_heads, head_dim, kv_format), (0,)),), num_blocks, block_size)
+    slots = num_blocks * block_size
+    cache.layers[0].write(torch.randn(slots, kv_heads, head_dim, generator=gen),
+                          torch.randn(slots, kv_heads, head_dim, generator=gen), torch.arange(slots))
+    return cache
+
+
+def _case(query_lens, seq_lens, heads, kv_heads, head_dim=8, block_size=4, window=None, seed=0,
+          kv_format="fp32"):
     gen = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-s // block_size) for s in seq_lens) + 3
     order = torch.randperm(num_blocks, generator=gen).tolist()  # scrambled physical blocks
@@ -23,13 +39,14 @@ def _case(query_lens, seq_lens, heads, kv_heads, head_dim=8, block_size=4, windo
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]), block_size=block_size,
         num_decodes=sum(1 for q, s in zip(query_lens, seq_lens) if q == 1 and s > 1), sliding_window=window)
     build_masks(meta, "cpu")
-    k_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=gen)
-    v_cache = torch.randn(kv_heads, num_blocks, block_size, head_dim, generator=gen)
     t = sum(query_lens)
     q = torch.randn(t, heads, head_dim, generator=gen)
     k = torch.randn(t, kv_heads, head_dim, generator=gen)
     v = torch.randn(t, kv_heads, head_dim, generator=gen)
-    return q, k, v, k_cache, v_cache, meta
+
+    def cache():
+        return _filled_cache(kv_heads, head_dim, num_blocks, block_size, kv_format, seed)
+    return q, k, v, cache, meta
 
 
 @pytest.mark.parametrize("query_lens,seq_lens", [
@@ -43,20 +60,33 @@ def _case(query_lens, seq_lens, heads, kv_heads, head_dim=8, block_size=4, windo
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2), (4, 1)])
 @pytest.mark.parametrize("window", [None, 3])
 def test_fast_path_matches_reference(query_lens, seq_lens, heads, kv_heads, window):
-    q, k, v, kc, vc, meta = _case(query_lens, seq_lens, heads, kv_heads, window=window)
-    kc2, vc2 = kc.clone(), vc.clone()
-    fast = paged_attention(q, k, v, kc, vc, meta, 0.35)
-    slow = reference_attention(q, k, v, kc2, vc2, meta, 0.35)
+    q, k, v, make_cache, meta = _case(query_lens, seq_lens, heads, kv_heads, window=window)
+    fast_cache, slow_cache = make_cache(), make_cache()
+    fast = paged_attention(q, k, v, fast_cache.layers[0], meta, 0.35)
+    slow = reference_attention(q, k, v, slow_cache.layers[0], meta, 0.35)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(kc, kc2)  # both wrote the same slots
+    torch.testing.assert_close(fast_cache.storages[0].buffer, slow_cache.storages[0].buffer)  # same writes
+
+
+@pytest.mark.parametrize("kv_format", FORMATS)
+@pytest.mark.parametrize("query_lens,seq_lens", [
+    ([1, 1, 1], [3, 17, 8]), ([5], [12]), ([1, 1, 6, 3], [5, 20, 6, 11]), ([1] * 6, [41, 38, 30, 12, 9, 2])])
+@pytest.mark.parametrize("window", [None, 5])
+def test_every_format_matches_the_reference_over_the_decoded_cache(kv_format, query_lens, seq_lens, window):
+    q, k, v, make_cache, meta = _case(query_lens, seq_lens, 6, 2, head_dim=64, window=window, kv_format=kv_format)
+    fast_cache, slow_cache = make_cache(), make_cache()
+    fast = paged_attention(q, k, v, fast_cache.layers[0], meta, 0.125)
+    slow = reference_attention(q, k, v, slow_cache.layers[0], meta, 0.125)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    assert torch.equal(fast_cache.storages[0].buffer, slow_cache.storages[0].buffer)
 
 
 @pytest.mark.parametrize("query_lens,seq_lens", [([1], [9]), ([1, 1, 1], [3, 17, 8]), ([1, 5], [30, 9])])
 def test_bfloat16_fast_path_matches_reference(query_lens, seq_lens):
-    q, k, v, kc, vc, meta = (t.to(torch.bfloat16) if isinstance(t, torch.Tensor) else t
-                             for t in _case(query_lens, seq_lens, 6, 2, window=None))
-    fast = paged_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.35)
-    slow = reference_attention(q, k, v, kc.clone(), vc.clone(), meta, 0.35)
+    q, k, v, make_cache, meta = _case(query_lens, seq_lens, 6, 2, window=None, kv_format="bf16")
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    fast = paged_attention(q, k, v, make_cache().layers[0], meta, 0.35)
+    slow = reference_attention(q, k, v, make_cache().layers[0], meta, 0.35)
     torch.testing.assert_close(fast.float(), slow.float(), atol=2e-2, rtol=2e-2)
 
 
@@ -71,10 +101,12 @@ def test_decode_groups_bound_padding():
 
 
 def test_write_goes_only_to_mapped_slots():
-    q, k, v, kc, vc, meta = _case([3], [3], 2, 2)
-    before = kc.clone()
-    paged_attention(q, k, v, kc, vc, meta, 1.0)
-    flat_before, flat_after = before.flatten(1, 2), kc.flatten(1, 2)  # [kv_heads, slots, hd]
+    q, k, v, make_cache, meta = _case([3], [3], 2, 2)
+    cache = make_cache()
+    before = cache.storages[0].regions["k"][0].clone()
+    paged_attention(q, k, v, cache.layers[0], meta, 1.0)
+    after = cache.storages[0].regions["k"][0]
+    flat_before, flat_after = before.flatten(1, 2), after.flatten(1, 2)  # [kv_heads, slots, hd]
     changed = (flat_before != flat_after).any(-1).any(0).nonzero().flatten().tolist()
     assert sorted(changed) == sorted(meta.slot_mapping.tolist())
     torch.testing.assert_close(flat_after[:, meta.slot_mapping].transpose(0, 1), k)

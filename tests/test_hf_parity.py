@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from kvcache.cache.storage import KVStorage
+from kvcache.cache.spec import group_layers, layer_specs
+from kvcache.cache.storage import KVCache
 from kvcache.config import ModelConfig
 from kvcache.engine.engine import build_model
 from kvcache.models.loader import LoadedModel
 from kvcache.runtime.plan import ScheduledSequence
 from kvcache.runtime.runner import ModelRunner
-from kvcache.sizing import KVShape
 
 transformers = pytest.importorskip("transformers")
 
@@ -50,8 +50,7 @@ class Session:
 
     def __init__(self, model, block_size=4, num_blocks=64):
         self.model = model
-        self.storage = KVStorage(KVShape.from_model_config(model.config), num_blocks, block_size,
-                                 torch.float32)
+        self.storage = KVCache(group_layers(layer_specs(model.config, "fp32")), num_blocks, block_size)
         self.runner = ModelRunner(model, self.storage)
         self.blocks = tuple(reversed(range(num_blocks)))  # non-contiguous on purpose
         self.length = 0
@@ -59,7 +58,7 @@ class Session:
     def run(self, tokens):
         seq = ScheduledSequence("s", tuple(tokens), self.length, self.blocks, True)
         t, pos, meta = self.runner.prepare((seq,))
-        hidden = self.model(t, pos, meta, [self.storage.layer(i) for i in range(self.model.config.num_layers)])
+        hidden = self.model(t, pos, meta, self.storage.layers)
         self.length += len(tokens)
         return self.model.compute_logits(hidden)
 

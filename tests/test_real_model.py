@@ -73,7 +73,7 @@ def test_planner_bytes_equal_the_cache_after_a_prefill(engine):
     request = engine._requests["bytes#0"]
     tokens = request.num_computed_tokens
     assert tokens == request.num_prompt_tokens
-    held = tokens * engine.storage.bytes_per_token  # read off the allocated tensor
+    held = engine.storage.bytes_held(tokens)  # read off the allocated tensors
     assert held == engine.kv_bytes_for_tokens(tokens) == 2 * 30 * 3 * 64 * tokens * 4
     assert engine.storage.nbytes == engine.storage.planned_nbytes()
     assert len(request.block_ids) == -(-tokens // engine.cache_config.block_size)

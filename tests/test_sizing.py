@@ -21,19 +21,25 @@ def test_textbook_example_is_exact():
        seq=st.integers(1, 10**6), batch=st.integers(1, 256))
 def test_plain_formats_follow_the_formula(layers, heads, hd, seq, batch):
     shape = KVShape(layers, heads, hd)
-    for dtype, width in (("fp32", 4), ("fp16", 2), ("bf16", 2), ("fp8", 1)):
+    for dtype, width in (("fp32", 4), ("fp16", 2), ("bf16", 2)):
         assert kv_bytes(shape, seq, batch, dtype).total_bytes == 2 * layers * heads * hd * seq * batch * width
 
 
 def test_quantized_formats_pay_for_scales_and_packing():
+    # KIVI layout: K scales per channel per block of block_size tokens, V scales per group of a token
     shape = KVShape(32, 8, 128)
-    values = 2 * 32 * 8 * 128 * 1000
-    int8 = kv_bytes(shape, 1000, 1, "int8")  # 64 values per fp16 scale
-    assert int8.total_bytes == values // 64 * (64 + 2)
-    int4 = kv_bytes(shape, 1000, 1, "int4")  # 32 values = 16 packed bytes + fp16 scale + fp16 zero
-    assert int4.total_bytes == values // 32 * (16 + 4)
+    codes = 2 * 32 * 8 * 128 * 1000  # one byte per value at 8 bits
+    k_scales = 32 * 8 * 128 * -(-1000 // 16) * 2  # 63 blocks of 16 (the last one started)
+    v_scales = 32 * 8 * 1000 * (128 // 64) * 2
+    int8 = kv_bytes(shape, 1000, 1, "int8")
+    assert int8.total_bytes == codes + k_scales + v_scales
+    assert kv_bytes(shape, 1000, 1, "fp8").total_bytes == int8.total_bytes
+    assert kv_bytes(shape, 1024, 1, "int8", block_size=64).bytes_per_element == pytest.approx(1 + 2 / 64)
+    int4 = kv_bytes(shape, 1024, 1, "int4", block_size=32)  # 16 packed bytes + fp16 scale + fp16 zero per 32
+    assert int4.total_bytes == 2 * 32 * 8 * 128 * 1024 // 32 * (16 + 4)
     assert int4.bytes_per_element == pytest.approx(0.625)
-    assert kv_bytes(shape, 1000, 1, "int4", group_size=128).bytes_per_element == pytest.approx(0.53125)
+    assert kv_bytes(shape, 1024, 1, "int4", group_size=128, block_size=32).bytes_per_element == \
+        pytest.approx(0.5 + (4 / 32 + 4 / 128) / 2)
     with pytest.raises(ValueError, match="divisor"):
         kv_bytes(shape, 1000, 1, "int4", group_size=48)
     with pytest.raises(ValueError, match="no scales"):

@@ -4,8 +4,9 @@
 
 with three refinements a real cache needs:
 
-* quantized element formats pay for their scales: a group of ``group_size`` values stores
-  ``ceil(group_size x bits / 8)`` packed bytes plus its scale (and zero point) bytes;
+* quantized element formats pay for their packing and scales, laid out as the engine stores them
+  (KIVI: keys per channel, values per token): a key's scale (and zero point) covers one channel of
+  one block of ``block_size`` tokens, a value's covers ``group_size`` values of one token;
 * hybrid sliding-window models keep only ``min(seq_len, window)`` tokens on their sliding layers;
 * MLA models (DeepSeek-V2/V3) cache one latent vector of ``kv_lora_rank + qk_rope_head_dim``
   values per token per layer instead of ``2 x kv_heads x head_dim``.
@@ -15,7 +16,6 @@ The engine sizes its block pool with :func:`kv_bytes`, so planned bytes == alloc
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -28,7 +28,7 @@ class KVDtype:
 
     name: str
     bits: int
-    default_group_size: int | None  # None: no per-group scales (plain float, or one scale per tensor)
+    default_group_size: int | None  # values of one token per value scale; None: no scales (plain float)
     scale_bytes: int  # bytes of scale (+ zero point) stored per group
     note: str
 
@@ -39,9 +39,10 @@ KV_DTYPES: dict[str, KVDtype] = {
         KVDtype("fp32", 32, None, 0, "IEEE float32"),
         KVDtype("fp16", 16, None, 0, "IEEE float16"),
         KVDtype("bf16", 16, None, 0, "bfloat16"),
-        KVDtype("fp8", 8, None, 2, "e4m3, one scale per tensor unless --group-size is given"),
-        KVDtype("int8", 8, 64, 2, "symmetric, one fp16 scale per group"),
-        KVDtype("int4", 4, 32, 4, "asymmetric, two values a byte, fp16 scale + fp16 zero point per group"),
+        KVDtype("fp8", 8, 64, 2, "e4m3 with fp16 scales: K per channel per block, V per group of a token"),
+        KVDtype("int8", 8, 64, 2, "symmetric, fp16 scales: K per channel per block, V per group of a token"),
+        KVDtype("int4", 4, 32, 4, "asymmetric, two values a byte, fp16 scale + fp16 zero point: "
+                "K per channel per block, V per group of a token"),
     )
 }
 DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16",
@@ -95,23 +96,35 @@ class KVShape:
 
 
 def group_size_for(dtype: KVDtype, head_dim: int, group_size: int | None) -> int | None:
-    """The scale group size in effect, validated against the head dimension."""
-    size = group_size if group_size is not None else dtype.default_group_size
-    if size is None:
+    """The value-scale group size in effect (values of one token per scale), validated against head_dim."""
+    if group_size is None and dtype.default_group_size is not None:
+        group_size = min(dtype.default_group_size, head_dim)
+    if group_size is None:
         return None
     if dtype.bits >= 16:
         raise ValueError(f"{dtype.name} stores no scales; --group-size applies to fp8, int8 and int4.")
-    if size < 1 or head_dim % size != 0:
-        raise ValueError(f"group size {size} must be a positive divisor of head_dim {head_dim}.")
-    return size
+    if group_size < 1 or head_dim % group_size != 0:
+        raise ValueError(f"group size {group_size} must be a positive divisor of head_dim {head_dim}.")
+    return group_size
 
 
-def bytes_for_values(num_values: int, dtype: KVDtype, group_size: int | None) -> int:
-    """Exact bytes to store ``num_values`` values (a multiple of the group size) with their scales."""
+def layer_bytes(shape: KVShape, tokens: int, dtype: KVDtype, group_size: int | None, block_size: int) -> int:
+    """Exact bytes one layer of one sequence holds for ``tokens`` tokens, packing and scales included.
+
+        codes    tokens x 2 x kv_heads x head_dim x bits / 8
+        V scales tokens x kv_heads x (head_dim / group_size) x scale_bytes         (per token)
+        K scales ceil(tokens / block_size) x kv_heads x head_dim x scale_bytes     (per channel per block)
+
+    An MLA layer quantizes its latent vector per token, like V.
+    """
     if group_size is None:
-        return num_values * dtype.bits // 8
-    groups = num_values // group_size
-    return groups * (math.ceil(group_size * dtype.bits / 8) + dtype.scale_bytes)
+        return tokens * shape.values_per_token_per_layer() * dtype.bits // 8
+    if shape.mla_latent_dim is not None:
+        latent = shape.mla_latent_dim
+        return tokens * (latent * dtype.bits // 8 + latent // group_size * dtype.scale_bytes)
+    heads, hd = shape.num_kv_heads, shape.head_dim
+    per_token = 2 * heads * hd * dtype.bits // 8 + heads * (hd // group_size) * dtype.scale_bytes
+    return tokens * per_token + -(-tokens // block_size) * heads * hd * dtype.scale_bytes
 
 
 @dataclass(frozen=True)
@@ -132,29 +145,32 @@ class KVEstimate:
 
     @property
     def bytes_per_element(self) -> float:
-        values = self.shape.values_per_token_per_layer()
-        return bytes_for_values(values, self.dtype, self.group_size) / values
+        """Bytes per cached value, scales included (at the full context, no window)."""
+        values = self.shape.values_per_token_per_layer() * self.shape.num_layers * self.seq_len * self.batch
+        return self.full_context_bytes / values
 
 
 def kv_bytes(shape: KVShape, seq_len: int, batch: int = 1, dtype: str = "fp16",
-             group_size: int | None = None) -> KVEstimate:
+             group_size: int | None = None, block_size: int = 16) -> KVEstimate:
     """Bytes of KV cache for ``batch`` sequences of ``seq_len`` tokens each.
 
-    Exact to the byte for the formats in ``KV_DTYPES``: sliding layers count min(seq_len, window)
-    tokens, quantized formats include their packed bytes and their per-group scales.
+    Exact to the byte for the formats in ``KV_DTYPES`` as the engine lays them out (see
+    :func:`layer_bytes`): sliding layers count min(seq_len, window) tokens, quantized formats include
+    their packed bytes and their scales (keys' scales per ``block_size``-token block).
     """
     if seq_len < 1 or batch < 1:
         raise ValueError(f"seq_len and batch must be at least 1, got {seq_len} and {batch}.")
+    if block_size < 1:
+        raise ValueError(f"block_size must be at least 1, got {block_size}.")
     fmt = kv_dtype(dtype)
     group = group_size_for(fmt, shape.head_dim if shape.mla_latent_dim is None else shape.mla_latent_dim,
                            group_size)
-    per_token_layer = bytes_for_values(shape.values_per_token_per_layer(), fmt, group)
     total = 0
     for layer in range(shape.num_layers):
         window = shape.window_of(layer)
         tokens = seq_len if window is None else min(seq_len, window)
-        total += per_token_layer * tokens * batch
-    full = per_token_layer * seq_len * batch * shape.num_layers
+        total += layer_bytes(shape, tokens, fmt, group, block_size) * batch
+    full = layer_bytes(shape, seq_len, fmt, group, block_size) * batch * shape.num_layers
     return KVEstimate(shape, seq_len, batch, fmt, group, total, full)
 
 
@@ -295,12 +311,16 @@ def human_bytes(n: float) -> str:
 def block_bytes(shape: KVShape, block_size: int, dtype: str) -> int:
     """Bytes of one paged block: ``block_size`` tokens in every layer (the pool keeps all tokens)."""
     full = KVShape(shape.num_layers, shape.num_kv_heads, shape.head_dim, mla_latent_dim=shape.mla_latent_dim)
-    return kv_bytes(full, block_size, 1, dtype).total_bytes
+    return kv_bytes(full, block_size, 1, dtype, block_size=block_size).total_bytes
 
 
 def num_blocks_for_budget(shape: KVShape, budget_bytes: int, block_size: int, dtype: str) -> int:
     """How many whole blocks fit in ``budget_bytes``; raises if not even one does."""
-    per_block = block_bytes(shape, block_size, dtype)
+    return blocks_in_budget(block_bytes(shape, block_size, dtype), budget_bytes, block_size)
+
+
+def blocks_in_budget(per_block: int, budget_bytes: int, block_size: int) -> int:
+    """``budget_bytes // per_block``, or a ValueError when not even one block of ``block_size`` fits."""
     if budget_bytes < per_block:
         raise ValueError(f"A KV budget of {human_bytes(budget_bytes)} holds no block: one block of "
                          f"{block_size} tokens needs {human_bytes(per_block)}.")

@@ -1,62 +1,294 @@
-"""The KV tensors: one allocation, a view per layer, written by slot mapping, read by block table."""
+"""The KV tensors: one allocation per layer group, written by slot mapping, read by block ids.
+
+Each group (see :mod:`kvcache.cache.spec`) owns one byte buffer, sized exactly as the planner
+counts it, carved into typed regions that all have the block dimension third:
+
+    plain (fp32/bf16/fp16)   k, v        [layers, kv_heads, num_blocks, block_size, head_dim]
+    quantized (fp8/int8/int4, KIVI grouping)
+        k_codes, v_codes                 [layers, kv_heads, num_blocks, block_size, code_width]
+        k_scale (+ k_zero for int4)      [layers, kv_heads, num_blocks, head_dim]   per channel per block
+        v_scale (+ v_zero for int4)      [layers, kv_heads, num_blocks, block_size, head_dim / group]
+
+Head-major, so reading blocks gives [kv_heads, blocks, block_size, head_dim] with no transpose.
+A slot is ``block_id * block_size + offset``. Attention sees only a :class:`LayerCache`:
+``write(k, v, slot_mapping)``, ``read_blocks(block_ids, dtype)`` and ``dequantized()``; every
+read goes through the group's format, so a quantized cache's error shows in prefill as in decode.
+"""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from kvcache.sizing import KVShape, block_bytes
+from kvcache.cache.quant import SCALE_DTYPE, Codec, codec_for
+from kvcache.cache.spec import KVCacheGroup, pool_block_bytes
+from kvcache.sizing import group_size_for, kv_dtype
 
-TORCH_TO_KV_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+PLAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class KVStorage:
-    """All layers' keys and values in one tensor, sized by the planner.
+class LayerCache:
+    """One layer's handle on its group's storage; what attention receives instead of tensors."""
 
-    ``self.kv``: [num_layers, 2, kv_heads, num_blocks, block_size, head_dim]
-    Head-major, so a gather by block table gives [kv_heads, tokens, head_dim] with no transpose.
-    A slot is ``block_id * block_size + offset``; slot mappings and block tables index into it.
-    """
+    def __init__(self, group: "GroupStorage", local_index: int) -> None:
+        self.group = group
+        self.group_id = group.group.group_id
+        self.local_index = local_index
 
-    def __init__(self, shape: KVShape, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
-        if dtype not in TORCH_TO_KV_DTYPE:
-            raise ValueError(f"KV storage dtype {dtype} is not supported.")
-        self.shape = shape
+    def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store keys and values [num_tokens, kv_heads, head_dim] at ``slot_mapping`` [num_tokens]."""
+        self.group.write(self.local_index, k, v, slot_mapping)
+
+    def read_blocks(self, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of these blocks as the format returns them: each [kv_heads, len(ids), block_size, hd]."""
+        return self.group.read_blocks(self.local_index, block_ids, dtype)
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole layer decoded to float32, [kv_heads, num_blocks, block_size, hd] each (for the reference)."""
+        every = torch.arange(self.group.num_blocks, device=self.group.device)
+        return self.group.read_blocks(self.local_index, every, torch.float32)
+
+
+class GroupStorage:
+    """One group's allocation and its format's write/read; subclasses per format family."""
+
+    def __init__(self, group: KVCacheGroup, num_blocks: int, block_size: int,
+                 device: torch.device | str) -> None:
+        self.group = group
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.dtype = dtype
-        self.kv = torch.zeros(shape.num_layers, 2, shape.num_kv_heads, num_blocks, block_size,
-                              shape.head_dim, dtype=dtype, device=device)
+        self.device = torch.device(device)
+        layout = self.layout()
+        total = sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size() for _, shape, dtype, _ in layout)
+        self.buffer = torch.zeros(total, dtype=torch.uint8, device=self.device)
+        self.regions: dict[str, torch.Tensor] = {}
+        self.per_token: dict[str, bool] = {}
+        offset = 0
+        for name, shape, dtype, per_token in layout:  # widest elements first keeps every view aligned
+            size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            self.regions[name] = self.buffer[offset:offset + size].view(dtype).view(shape)
+            self.per_token[name] = per_token
+            offset += size
+        self.layers = [LayerCache(self, i) for i in range(len(group.layers))]
 
-    def layer(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(key cache, value cache) of one layer, each [kv_heads, num_blocks, block_size, head_dim]."""
-        return self.kv[index, 0], self.kv[index, 1]
+    def layout(self) -> list[tuple[str, tuple[int, ...], torch.dtype, bool]]:
+        """(name, shape, dtype, holds a value per token) of each region, widest dtype first."""
+        raise NotImplementedError
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def read_blocks(self, layer: int, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _dims(self) -> tuple[int, int, int, int, int]:
+        spec = self.group.spec
+        return len(self.group.layers), spec.num_kv_heads, self.num_blocks, self.block_size, spec.head_dim
 
     @property
     def nbytes(self) -> int:
-        return self.kv.numel() * self.kv.element_size()
+        return self.buffer.numel()
+
+    def bytes_held(self, num_tokens: int) -> int:
+        """Bytes one sequence of ``num_tokens`` tokens occupies in this group, read off the regions."""
+        total = 0
+        for name, region in self.regions.items():
+            nbytes = region.numel() * region.element_size()
+            if self.per_token[name]:
+                total += nbytes * num_tokens // (self.num_blocks * self.block_size)
+            else:
+                total += nbytes * -(-num_tokens // self.block_size) // self.num_blocks
+        return total
+
+    def copy_blocks(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        for region in self.regions.values():
+            region[:, :, dst] = region[:, :, src]
+
+    def take_blocks(self, index: torch.Tensor) -> list[torch.Tensor]:
+        return [region[:, :, index].to("cpu", copy=True) for region in self.regions.values()]
+
+    def put_blocks(self, index: torch.Tensor, data: list[torch.Tensor]) -> None:
+        for region, part in zip(self.regions.values(), data):
+            region[:, :, index] = part.to(self.device)
+
+
+class PlainGroup(GroupStorage):
+    """Keys and values kept as they are, in fp32, bf16 or fp16."""
+
+    def layout(self):
+        layers, heads, blocks, bs, hd = self._dims()
+        dtype = PLAIN_DTYPES[self.group.spec.kv_format]
+        shape = (layers, heads, blocks, bs, hd)
+        return [("k", shape, dtype, True), ("v", shape, dtype, True)]
+
+    def write(self, layer, k, v, slot_mapping):
+        _, heads, blocks, bs, hd = self._dims()
+        for name, x in (("k", k), ("v", v)):
+            flat = self.regions[name][layer].view(heads, blocks * bs, hd)
+            flat.index_copy_(1, slot_mapping, x.transpose(0, 1).to(flat.dtype))  # x [T, heads, hd]
+
+    def read_blocks(self, layer, block_ids, dtype):
+        return (self.regions["k"][layer].index_select(1, block_ids).to(dtype),
+                self.regions["v"][layer].index_select(1, block_ids).to(dtype))
+
+
+class QuantizedGroup(GroupStorage):
+    """fp8 / int8 / int4 codes with fp16 params: keys per channel over a block, values per token.
+
+    A key block's scale covers every token in it, so writing a token into a block re-encodes the
+    block's valid tokens (those before it, decoded, plus the new ones) with the statistics of all
+    of them. A scale that does not change re-encodes to the same codes; one that grows re-rounds
+    the earlier tokens once to the coarser grid.
+    """
+
+    def __init__(self, group: KVCacheGroup, num_blocks: int, block_size: int,
+                 device: torch.device | str) -> None:
+        self.codec: Codec = codec_for(group.spec.kv_format)
+        self.value_group = group_size_for(kv_dtype(group.spec.kv_format), group.spec.head_dim, None)
+        super().__init__(group, num_blocks, block_size, device)
+        self._plan_slots: torch.Tensor | None = None
+        self._plan: tuple[torch.Tensor, ...] = ()
+
+    def layout(self):
+        layers, heads, blocks, bs, hd = self._dims()
+        width, groups = self.codec.code_width(hd), hd // self.value_group
+        params = ("scale", "zero")[:self.codec.num_params]
+        return ([(f"k_{p}", (layers, heads, blocks, hd), SCALE_DTYPE, False) for p in params]
+                + [(f"v_{p}", (layers, heads, blocks, bs, groups), SCALE_DTYPE, True) for p in params]
+                + [("k_codes", (layers, heads, blocks, bs, width), self.codec.code_dtype, True),
+                   ("v_codes", (layers, heads, blocks, bs, width), self.codec.code_dtype, True)])
+
+    def _params(self, kind: str, layer: int) -> list[torch.Tensor]:
+        return [self.regions[f"{kind}_{p}"][layer] for p in ("scale", "zero")[:self.codec.num_params]]
+
+    def _block_plan(self, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Per step (shared by the group's layers): the touched blocks and which of their tokens count.
+
+        Returns (blocks [nb], row of each token's block [T], offsets [T], keep_old [nb, bs], valid [nb, bs]):
+        a block's tokens before the first one written this step are kept; tokens up to the last one
+        written are valid (later slots hold stale data and stay out of the statistics).
+        """
+        if slot_mapping is not self._plan_slots:
+            bs = self.block_size
+            blocks, rows = torch.unique(slot_mapping // bs, return_inverse=True)
+            offsets = slot_mapping % bs
+            first = torch.full_like(blocks, bs).scatter_reduce_(0, rows, offsets, "amin")
+            last = torch.zeros_like(blocks).scatter_reduce_(0, rows, offsets, "amax")
+            pos = torch.arange(bs, device=slot_mapping.device)
+            self._plan = (blocks, rows, offsets, pos < first[:, None], pos <= last[:, None])
+            self._plan_slots = slot_mapping
+        return self._plan
+
+    def write(self, layer, k, v, slot_mapping):
+        _, heads, blocks, bs, hd = self._dims()
+        codec = self.codec
+        touched, rows, offsets, keep_old, valid = self._block_plan(slot_mapping)
+        # keys: re-encode every touched block, per channel, over its valid tokens
+        old, _ = self.read_blocks(layer, touched, torch.float32)  # [heads, nb, bs, hd]
+        old = torch.where(keep_old[None, :, :, None], old, 0.0)
+        old[:, rows, offsets] = k.transpose(0, 1).float()  # k [T, heads, hd]
+        codes, params = codec.encode(old, dim=2, valid=valid[None, :, :, None])
+        self.regions["k_codes"][layer].index_copy_(1, touched, codec.pack(codes))
+        for region, p in zip(self._params("k", layer), params):
+            region.index_copy_(1, touched, p.squeeze(2))  # [heads, nb, hd]
+        # values: encode each token's groups of value_group
+        tokens = v.shape[0]
+        grouped = v.transpose(0, 1).float().reshape(heads, tokens, hd // self.value_group, self.value_group)
+        codes, params = codec.encode(grouped, dim=-1)
+        flat = self.regions["v_codes"][layer].view(heads, blocks * bs, -1)
+        flat.index_copy_(1, slot_mapping, codec.pack(codes.view(heads, tokens, hd)))
+        for region, p in zip(self._params("v", layer), params):
+            region.view(heads, blocks * bs, -1).index_copy_(1, slot_mapping, p.squeeze(-1))
+
+    def read_blocks(self, layer, block_ids, dtype):
+        heads, hd, g = self.group.spec.num_kv_heads, self.group.spec.head_dim, self.value_group
+        codec = self.codec
+        k_codes = codec.unpack(self.regions["k_codes"][layer].index_select(1, block_ids))  # [heads, m, bs, hd]
+        k_params = tuple(p.index_select(1, block_ids).unsqueeze(2) for p in self._params("k", layer))
+        keys = codec.decode(k_codes, k_params, dtype)
+        v_codes = codec.unpack(self.regions["v_codes"][layer].index_select(1, block_ids))
+        m, bs = v_codes.shape[1], v_codes.shape[2]
+        v_params = tuple(p.index_select(1, block_ids).unsqueeze(-1) for p in self._params("v", layer))
+        values = codec.decode(v_codes.view(heads, m, bs, hd // g, g), v_params, dtype).view(heads, m, bs, hd)
+        return keys, values
+
+
+class KVCache:
+    """Every group's storage for one model, sized by the planner; ``layers[i]`` is layer i's cache."""
+
+    def __init__(self, groups: tuple[KVCacheGroup, ...], num_blocks: int, block_size: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.groups = groups
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.storages = [_allocate(g, num_blocks, block_size, self.device) for g in groups]
+        num_layers = sum(len(g.layers) for g in groups)
+        self.layers: list[LayerCache] = [None] * num_layers  # type: ignore[list-item]
+        for group, storage in zip(groups, self.storages):
+            for local, index in enumerate(group.layers):
+                self.layers[index] = storage.layers[local]
+
+    @property
+    def kv_format(self) -> str:
+        """The element format (one per model today; joined with '+' if groups ever differ)."""
+        return "+".join(dict.fromkeys(g.spec.kv_format for g in self.groups))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated, every group's buffer together."""
+        return sum(s.nbytes for s in self.storages)
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one token's K and V take across all layers, read off the tensor itself."""
+        """Bytes per token slot of a full block, every layer and scale included (rounded down)."""
         return self.nbytes // (self.num_blocks * self.block_size)
 
+    @property
+    def bytes_per_element(self) -> float:
+        """Bytes per cached key or value, packing and scales included."""
+        values = sum(len(g.layers) * 2 * g.spec.num_kv_heads * g.spec.head_dim for g in self.groups)
+        return self.nbytes / (self.num_blocks * self.block_size * values)
+
     def planned_nbytes(self) -> int:
-        return self.num_blocks * block_bytes(self.shape, self.block_size, TORCH_TO_KV_DTYPE[self.dtype])
+        """What the planner says ``num_blocks`` blocks cost (equal to :attr:`nbytes`, tested)."""
+        return self.num_blocks * pool_block_bytes(self.groups, self.block_size)
+
+    def bytes_held(self, num_tokens: int) -> int:
+        """Bytes one sequence of ``num_tokens`` tokens occupies, read off the allocated regions."""
+        return sum(s.bytes_held(num_tokens) for s in self.storages)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy whole blocks src -> dst in every layer (copy-on-write of shared partial blocks)."""
+        """Copy whole blocks src -> dst in every group (copy-on-write of shared partial blocks)."""
         if not pairs:
             return
-        src = torch.tensor([p[0] for p in pairs], device=self.kv.device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.kv.device)
-        self.kv[:, :, :, dst] = self.kv[:, :, :, src]
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        for storage in self.storages:
+            storage.copy_blocks(src, dst)
 
-    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """A copy of some blocks in host memory: [num_layers, 2, kv_heads, len(block_ids), block_size, head_dim]."""
-        index = torch.tensor(block_ids, device=self.kv.device)
-        return self.kv[:, :, :, index].to("cpu", copy=True)
+    def read_blocks(self, block_ids: list[int]) -> list[list[torch.Tensor]]:
+        """A host copy of some blocks (every region of every group), for swapping out."""
+        index = torch.tensor(block_ids, device=self.device)
+        return [s.take_blocks(index) for s in self.storages]
 
-    def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
-        index = torch.tensor(block_ids, device=self.kv.device)
-        self.kv[:, :, :, index] = data.to(self.kv.device)
+    def write_blocks(self, block_ids: list[int], data: list[list[torch.Tensor]]) -> None:
+        """Put a host copy from :meth:`read_blocks` back, into (possibly other) block ids."""
+        index = torch.tensor(block_ids, device=self.device)
+        for storage, part in zip(self.storages, data):
+            storage.put_blocks(index, part)
+
+
+def _allocate(group: KVCacheGroup, num_blocks: int, block_size: int, device: torch.device) -> GroupStorage:
+    """The group's storage, or a ValueError when ``device`` cannot hold or convert its format."""
+    cls = QuantizedGroup if group.spec.quantized else PlainGroup
+    try:
+        probe = cls(group, 1, block_size, device)
+        probe.layers[0].write(torch.zeros(1, group.spec.num_kv_heads, group.spec.head_dim, device=device),
+                              torch.zeros(1, group.spec.num_kv_heads, group.spec.head_dim, device=device),
+                              torch.zeros(1, dtype=torch.long, device=device))
+    except (RuntimeError, TypeError, NotImplementedError) as err:
+        raise ValueError(f"The KV cache format {group.spec.kv_format} cannot be stored on device "
+                         f"{device} ({str(err).splitlines()[0]}).") from None
+    return cls(group, num_blocks, block_size, device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvcache.cli import chat, generate, serve, size
+from kvcache.cli import chat, generate, perplexity, serve, size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_parser(sub)
     size.add_parser(sub)
     serve.add_parser(sub)
+    perplexity.add_parser(sub)
     return parser
 
 

@@ -78,23 +78,24 @@ def figures(engine: LLMEngine, out: RequestOutput) -> dict[str, Any]:
         "decode_seconds": decode_s,
         "decode_tokens_per_second": (n_out - 1) / decode_s if n_out > 1 and decode_s > 0 else None,
         "kv_tokens": kv_tokens,
-        "kv_cache_bytes": kv_tokens * engine.storage.bytes_per_token,
+        "kv_cache_bytes": engine.storage.bytes_held(kv_tokens),
         "kv_cache_bytes_formula": engine.kv_bytes_for_tokens(kv_tokens),
         "kv_blocks": m["peak_kv_blocks"], "kv_bytes_allocated": m["peak_kv_bytes"],
         "block_size": engine.cache_config.block_size, "dtype": engine.dtype,
+        "kv_cache_dtype": engine.kv_cache_dtype,
     }
 
 
 def describe(engine: LLMEngine, f: dict[str, Any]) -> str:
     cfg = engine.model_config
-    bpe = engine.storage.kv.element_size()
+    bpe = f"{engine.storage.bytes_per_element:g}"
     decode = f"{f['decode_tokens_per_second']:.1f} tok/s" if f["decode_tokens_per_second"] else "n/a"
     match = "match" if f["kv_cache_bytes"] == f["kv_cache_bytes_formula"] else "MISMATCH"
     return "\n".join([
         "",
         f"prefill  {f['prompt_tokens']} tokens in {f['prefill_seconds']:.3f} s "
         f"({f['prefill_tokens_per_second']:.1f} tok/s)",
-        f"decode   {f['completion_tokens']} tokens in {f['decode_seconds']:.3f} s ({decode}), {f['dtype']}",
+        f"decode   {f['completion_tokens']} tokens in {f['decode_seconds']:.3f} s ({decode}), {f['dtype']}, KV cache {f['kv_cache_dtype']}",
         f"KV held  {f['kv_cache_bytes']:,} B for {f['kv_tokens']} tokens "
         f"({engine.storage.bytes_per_token:,} B/token, read off the cache tensors); "
         f"{f['kv_blocks']} blocks of {f['block_size']} allocated = {f['kv_bytes_allocated']:,} B",

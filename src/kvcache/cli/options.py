@@ -17,6 +17,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-blocks", type=int, help="KV blocks in the pool (default: from --kv-cache-memory)")
     parser.add_argument("--kv-cache-memory", metavar="BYTES",
                         help="KV pool budget, e.g. 2GB or 512MiB (default: 1GiB)")
+    parser.add_argument("--kv-cache-dtype", default="auto", metavar="FORMAT",
+                        help="KV cache element format: auto (the model's dtype), float32, bfloat16, float16, "
+                             "fp8, int8 or int4 (default: auto)")
     parser.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (default: 64)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -35,7 +38,7 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "model": args.model, "dtype": args.dtype, "block_size": args.block_size,
-        "num_blocks": args.num_blocks,
+        "num_blocks": args.num_blocks, "kv_cache_dtype": args.kv_cache_dtype,
         "kv_cache_memory": parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
         "enable_prefix_caching": not args.no_prefix_caching,
         "scheduler_config": SchedulerConfig(max_num_seqs=args.max_num_seqs,

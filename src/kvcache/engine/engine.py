@@ -12,7 +12,8 @@ import torch
 
 from kvcache.cache.block_pool import BlockPool
 from kvcache.cache.kv_manager import KVCacheManager
-from kvcache.cache.storage import TORCH_TO_KV_DTYPE, KVStorage
+from kvcache.cache.spec import group_layers, layer_specs, num_blocks_for_budget, resolve_kv_cache_dtype
+from kvcache.cache.storage import KVCache
 from kvcache.config import CacheConfig, SamplingParams, SchedulerConfig, is_text, parse_model_dtype
 from kvcache.engine.detokenizer import IncrementalDetokenizer
 from kvcache.engine.request import Request, RequestStatus
@@ -21,7 +22,7 @@ from kvcache.models.llama import LlamaForCausalLM
 from kvcache.models.loader import LoadedModel, load_model
 from kvcache.runtime.runner import ModelRunner
 from kvcache.runtime.sampler import logprobs_of, make_generator, sample
-from kvcache.sizing import KVShape, kv_bytes, num_blocks_for_budget, parse_bytes
+from kvcache.sizing import KVShape, kv_bytes, parse_bytes
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
 log = logging.getLogger("kvcache.engine")
@@ -86,12 +87,13 @@ class LLMEngine:
                  num_blocks: int | None = None, kv_cache_memory: int | str | None = None,
                  enable_prefix_caching: bool = True, scheduler_config: SchedulerConfig | None = None,
                  max_model_len: int | None = None, device: str | None = None,
-                 loaded: LoadedModel | None = None) -> None:
+                 loaded: LoadedModel | None = None, kv_cache_dtype: str = "auto") -> None:
         if isinstance(kv_cache_memory, str):
             kv_cache_memory = parse_bytes(kv_cache_memory)
         self.cache_config = CacheConfig(block_size, num_blocks, kv_cache_memory, enable_prefix_caching)
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.dtype = parse_model_dtype(dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)  # fp32 ... int4
         self.device = torch.device(device) if device else default_device()
         loaded = loaded or load_model(model)
         self.model_config = loaded.config
@@ -101,10 +103,10 @@ class LLMEngine:
         self.max_model_len = min(max_model_len or loaded.config.max_position_embeddings,
                                  loaded.config.max_position_embeddings)
         self.kv_shape = KVShape.from_model_config(loaded.config)
-        kv_dtype = TORCH_TO_KV_DTYPE[getattr(torch, self.dtype)]
+        self.kv_groups = group_layers(layer_specs(loaded.config, self.kv_cache_dtype))
         blocks = self.cache_config.num_blocks or num_blocks_for_budget(
-            self.kv_shape, self.cache_config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, block_size, kv_dtype)
-        self.storage = KVStorage(self.kv_shape, blocks, block_size, getattr(torch, self.dtype), self.device)
+            self.kv_groups, self.cache_config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, block_size)
+        self.storage = KVCache(self.kv_groups, blocks, block_size, self.device)
         self.pool = BlockPool(blocks, enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, block_size)
         self.scheduler = Scheduler(self.scheduler_config, self.kv, self.max_model_len)
@@ -306,8 +308,9 @@ class LLMEngine:
         return self.storage.nbytes // self.pool.num_blocks
 
     def kv_bytes_for_tokens(self, num_tokens: int) -> int:
-        """What the planner says ``num_tokens`` tokens of this model's KV cost in this dtype."""
-        return kv_bytes(self.kv_shape, num_tokens, 1, TORCH_TO_KV_DTYPE[self.storage.dtype]).total_bytes
+        """What the planner says ``num_tokens`` tokens of this model's KV cost in the cache's format."""
+        return kv_bytes(self.kv_shape, num_tokens, 1, self.kv_cache_dtype,
+                        block_size=self.cache_config.block_size).total_bytes
 
     def cache_snapshot(self) -> dict[str, Any]:
         """Who holds which block, as plain data (for the live page): owner index per block, or
@@ -339,6 +342,7 @@ class LLMEngine:
             "num_blocks_cached_free": pool.num_cached_free,
             "block_size": self.cache_config.block_size,
             "kv_cache_bytes": self.storage.nbytes,
+            "kv_cache_dtype": self.storage.kv_format,
             "num_requests_running": len(running),
             "num_requests_waiting": len(self.scheduler.waiting),
             "prefix_cache_queries": self.kv.prefix_cache_queries,

@@ -1,5 +1,9 @@
 """The attention every architecture calls: write K/V through the slot mapping, read through block tables.
 
+Attention never touches storage tensors: it gets the layer's :class:`~kvcache.cache.storage.LayerCache`,
+writes this step's K/V through it and reads blocks back in the cache's format (decoded fp8/int8/int4
+or plain), in prefill as in decode. Each cache group has its own :class:`AttentionMetadata`.
+
 Two implementations with one contract:
 
 * :func:`reference_attention` - loops over sequences and tokens, plain float32 softmax. Obviously
@@ -20,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from kvcache.cache.storage import LayerCache
 
 
 @dataclass
@@ -96,41 +102,32 @@ def build_masks(meta: AttentionMetadata, device: torch.device | str) -> None:
     ]
 
 
-def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Scatter this step's keys and values ([num_tokens, kv_heads, head_dim]) into their slots.
-
-    Caches are head-major, [kv_heads, num_blocks, block_size, head_dim], so that a gather by block
-    table yields [kv_heads, ..., tokens, head_dim], the layout the attention matmuls read directly.
-    """
-    kv_heads, num_blocks, block_size, head_dim = k_cache.shape
-    k_cache.view(kv_heads, num_blocks * block_size, head_dim).index_copy_(1, slot_mapping, k.transpose(0, 1))
-    v_cache.view(kv_heads, num_blocks * block_size, head_dim).index_copy_(1, slot_mapping, v.transpose(0, 1))
+def _gather(cache: LayerCache, block_ids: torch.Tensor, seq_len: int,
+            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's first seq_len tokens of K and V, read through the cache's format:
+    each [kv_heads, seq_len, head_dim]."""
+    keys, values = cache.read_blocks(block_ids, dtype)  # [kv_heads, blocks, block_size, hd]
+    kv_heads, hd = keys.shape[0], keys.shape[-1]
+    return keys.view(kv_heads, -1, hd)[:, :seq_len], values.view(kv_heads, -1, hd)[:, :seq_len]
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """One sequence's first seq_len tokens of K or V: [kv_heads, seq_len, head_dim]."""
-    kv_heads, _, _, head_dim = cache.shape
-    return cache.index_select(1, block_ids).view(kv_heads, -1, head_dim)[:, :seq_len]
-
-
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q [T, heads, hd], k/v [T, kv_heads, hd] -> [T, heads, hd]; writes k/v into the cache first."""
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q [T, heads, hd], k/v [T, kv_heads, hd] -> [T, heads, hd]; writes k/v into the cache first,
+    then reads every key and value (this step's too) back through the cache's format."""
+    cache.write(k, v, meta.slot_mapping)
     out = torch.empty_like(q)
     nd = meta.num_decodes
     groups = meta.decode_groups or ([(0, nd)] if nd else [])
     masks = meta.decode_masks or [None] * len(groups)
     for (start, end), mask in zip(groups, masks):
-        out[start:end] = _batched_decode(q[start:end], k_cache, v_cache, meta.block_tables[start:end],
+        out[start:end] = _batched_decode(q[start:end], cache, meta.block_tables[start:end],
                                          meta.seq_lens[start:end], meta.block_size, mask, scale)
     bs = meta.block_size
     for i, start in enumerate(meta.query_starts[nd:], start=nd):
         q_len, seq_len = meta.query_lens[i], meta.seq_lens[i]
         blocks = meta.block_tables[i, : -(-seq_len // bs)]
-        keys = _gather(k_cache, blocks, seq_len)  # [kv_heads, seq_len, hd]
-        values = _gather(v_cache, blocks, seq_len)
+        keys, values = _gather(cache, blocks, seq_len, q.dtype)  # [kv_heads, seq_len, hd]
         query = q[start:start + q_len].transpose(0, 1)  # [heads, q_len, hd]
         mask = meta.prefill_masks[i - nd] if meta.prefill_masks else \
             causal_mask(q_len, seq_len, meta.sliding_window, q.device)
@@ -142,9 +139,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
-def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                    seq_lens: list[int], block_size: int, mask: torch.Tensor | None,
-                    scale: float) -> torch.Tensor:
+def _batched_decode(q: torch.Tensor, cache: LayerCache, tables: torch.Tensor, seq_lens: list[int],
+                    block_size: int, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Single-token queries of several sequences at once: two grouped matmuls, a float32 softmax.
 
     q [n, heads, hd] -> [n, heads, hd]. The sequences are padded to the longest of them and ``mask``
@@ -153,11 +149,11 @@ def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     layout.)
     """
     n, heads, hd = q.shape
-    kv_heads = k_cache.shape[0]
     width = -(-max(seq_lens) // block_size)
     flat = tables[:, :width].flatten()  # [n * width] block ids
-    keys = k_cache.index_select(1, flat).view(kv_heads, n, -1, hd)  # [kv_heads, n, S, hd]
-    values = v_cache.index_select(1, flat).view(kv_heads, n, -1, hd)
+    keys, values = cache.read_blocks(flat, q.dtype)  # [kv_heads, n * width, block_size, hd]
+    kv_heads = keys.shape[0]
+    keys, values = keys.view(kv_heads, n, -1, hd), values.view(kv_heads, n, -1, hd)  # [kv_heads, n, S, hd]
     if mask is None:
         keys, values = keys[:, :, :seq_lens[0]], values[:, :, :seq_lens[0]]
     grouped = q.view(n, kv_heads, heads // kv_heads, hd).transpose(0, 1)  # [kv_heads, n, group, hd]
@@ -169,19 +165,21 @@ def _batched_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out.transpose(0, 1).reshape(n, heads, hd)
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                        v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """The same contract as :func:`paged_attention`, written to be read, not to be fast."""
-    write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-    heads, kv_heads = q.shape[1], k_cache.shape[0]
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerCache,
+                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The same contract as :func:`paged_attention`, written to be read, not to be fast: per token
+    and head, a float32 softmax over the whole layer's cache decoded to float32."""
+    cache.write(k, v, meta.slot_mapping)
+    all_keys, all_values = cache.dequantized()  # [kv_heads, num_blocks, block_size, hd]
+    heads, kv_heads = q.shape[1], all_keys.shape[0]
     group = heads // kv_heads
     bs = meta.block_size
     out = torch.empty_like(q)
     for i, start in enumerate(meta.query_starts):
         q_len, seq_len = meta.query_lens[i], meta.seq_lens[i]
         slots = [int(meta.block_tables[i, pos // bs]) * bs + pos % bs for pos in range(seq_len)]
-        keys = k_cache.flatten(1, 2)[:, slots].transpose(0, 1).float()  # [seq_len, kv_heads, hd]
-        values = v_cache.flatten(1, 2)[:, slots].transpose(0, 1).float()
+        keys = all_keys.flatten(1, 2)[:, slots].transpose(0, 1)  # [seq_len, kv_heads, hd]
+        values = all_values.flatten(1, 2)[:, slots].transpose(0, 1)
         for t in range(q_len):
             position = seq_len - q_len + t
             lo = 0 if meta.sliding_window is None else max(0, position - meta.sliding_window + 1)

@@ -2,7 +2,7 @@
 
 ``forward(tokens, positions, attn_metadata, kv)`` runs a flat batch of tokens from any number of
 sequences; the model never owns K/V tensors, it reads and writes them through ``kv`` (one
-(key cache, value cache) pair per layer) and the plan in ``attn_metadata``.
+:class:`LayerCache` per layer) and the plan in ``attn_metadata`` (one per cache group).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvcache.cache.storage import LayerCache
 from kvcache.config import ModelConfig
 from kvcache.models.attention import AttentionMetadata, default_scale, paged_attention
 
 AttentionFn = Callable[..., torch.Tensor]
-LayerKV = tuple[torch.Tensor, torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -79,13 +79,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.output_bias)
         self.scale = default_scale(self.head_dim)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], kv: LayerKV,
+    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], cache: LayerCache,
                 meta: AttentionMetadata, attention_fn: AttentionFn) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos_sin)  # [T, heads, hd]
         k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos_sin)  # [T, kv_heads, hd]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = attention_fn(q, k, v, kv[0], kv[1], meta, self.scale)  # [T, heads, hd]
+        out = attention_fn(q, k, v, cache, meta, self.scale)  # [T, heads, hd]
         return self.o_proj(out.flatten(1))
 
 
@@ -124,13 +124,14 @@ class LlamaForCausalLM(nn.Module):
         self.attention_fn: AttentionFn = paged_attention
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv: Sequence[LayerKV]) -> torch.Tensor:
-        """tokens, positions [T] -> final hidden states [T, hidden]."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: Sequence[AttentionMetadata],
+                kv: Sequence[LayerCache]) -> torch.Tensor:
+        """tokens, positions [T] -> final hidden states [T, hidden]; ``meta[g]`` is cache group g's plan."""
         h = self.embed_tokens(tokens)
         cos_sin = self.rope.tables_for(positions, h.dtype)
-        for layer, layer_kv in zip(self.layers, kv):
-            h = h + layer.self_attn(layer.input_layernorm(h), cos_sin, layer_kv, meta, self.attention_fn)
+        for layer, cache in zip(self.layers, kv):
+            h = h + layer.self_attn(layer.input_layernorm(h), cos_sin, cache, meta[cache.group_id],
+                                    self.attention_fn)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.norm(h)
 

@@ -8,23 +8,29 @@ from __future__ import annotations
 
 import torch
 
-from kvcache.cache.storage import KVStorage
+from kvcache.cache.spec import MODEL_DTYPE_FORMATS, group_layers, layer_specs
+from kvcache.cache.storage import KVCache
 from kvcache.models.llama import LlamaForCausalLM
 from kvcache.runtime.plan import ScheduledSequence
 from kvcache.runtime.runner import ModelRunner
-from kvcache.sizing import KVShape
 
 
-def logits_without_cache(model: LlamaForCausalLM, token_ids: list[int], block_size: int = 16) -> torch.Tensor:
-    """Float32 logits for every position of ``token_ids``, computed in one pass with an empty cache."""
-    shape = KVShape.from_model_config(model.config)
+def logits_without_cache(model: LlamaForCausalLM, token_ids: list[int], block_size: int = 16,
+                         kv_format: str | None = None) -> torch.Tensor:
+    """Float32 logits for every position of ``token_ids``, computed in one pass with an empty cache.
+
+    ``kv_format`` (fp32, bf16, fp16, fp8, int8, int4; default: the model's dtype) is the cache's
+    element format; attention reads every key and value back through it, so its error shows here.
+    """
+    param = next(model.parameters())
+    kv_format = kv_format or MODEL_DTYPE_FORMATS[str(param.dtype).removeprefix("torch.")]
+    groups = group_layers(layer_specs(model.config, kv_format))
     num_blocks = -(-len(token_ids) // block_size)
-    dtype = next(model.parameters()).dtype
-    storage = KVStorage(shape, num_blocks, block_size, dtype, next(model.parameters()).device)
+    storage = KVCache(groups, num_blocks, block_size, param.device)
     runner = ModelRunner(model, storage)
     seq = ScheduledSequence("recompute", tuple(token_ids), 0, tuple(range(num_blocks)), True)
     tokens, positions, meta = runner.prepare((seq,))
-    hidden = model(tokens, positions, meta, [storage.layer(i) for i in range(model.config.num_layers)])
+    hidden = model(tokens, positions, meta, storage.layers)
     return model.compute_logits(hidden)  # [len(token_ids), vocab]
 
 

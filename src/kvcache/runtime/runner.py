@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvcache.cache.storage import KVStorage
+from kvcache.cache.storage import KVCache
 from kvcache.models.attention import AttentionMetadata, build_masks
 from kvcache.models.llama import LlamaForCausalLM
 from kvcache.runtime.plan import ScheduledSequence, SchedulerOutput
@@ -21,12 +21,11 @@ class ModelOutput:
 class ModelRunner:
     """Executes plans; never changes them. Holds the host copies of swapped-out requests."""
 
-    def __init__(self, model: LlamaForCausalLM, storage: KVStorage) -> None:
+    def __init__(self, model: LlamaForCausalLM, storage: KVCache) -> None:
         self.model = model
         self.storage = storage
-        self.device = storage.kv.device
-        self.sliding_window = model.config.sliding_window
-        self.host_blocks: dict[str, torch.Tensor] = {}
+        self.device = storage.device
+        self.host_blocks: dict[str, list[list[torch.Tensor]]] = {}
 
     def execute(self, plan: SchedulerOutput) -> ModelOutput:
         for request_id, block_ids in plan.swap_out:
@@ -38,8 +37,7 @@ class ModelRunner:
             return ModelOutput([], torch.empty(0, self.model.config.vocab_size))
         seqs = decodes_longest_first(plan.sequences)
         tokens, positions, meta = self.prepare(seqs)
-        hidden = self.model(tokens, positions, meta, [self.storage.layer(i) for i in
-                                                      range(self.model.config.num_layers)])
+        hidden = self.model(tokens, positions, meta, self.storage.layers)
         last = torch.tensor(meta_last_indices(seqs), dtype=torch.long, device=self.device)
         sampled = [s.request_id for s in seqs if s.sample]
         return ModelOutput(sampled, self.model.compute_logits(hidden[last]))
@@ -47,8 +45,13 @@ class ModelRunner:
     def drop_host_blocks(self, request_id: str) -> None:
         self.host_blocks.pop(request_id, None)
 
-    def prepare(self, seqs: tuple[ScheduledSequence, ...]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flatten sequences into token/position vectors and the attention metadata."""
+    def prepare(self, seqs: tuple[ScheduledSequence, ...]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                     list[AttentionMetadata]]:
+        """Flatten sequences into token/position vectors and one attention metadata per cache group.
+
+        Every group reads the request's one block table today (a block id names a block in every
+        group's storage); the groups differ in their window, hence in their masks.
+        """
         bs = self.storage.block_size
         tokens: list[int] = []
         positions: list[int] = []
@@ -63,18 +66,20 @@ class ModelRunner:
         num_decodes = 0
         while num_decodes < len(seqs) and is_decode(seqs[num_decodes]):
             num_decodes += 1
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            query_lens=[len(s.token_ids) for s in seqs],
-            seq_lens=[s.seq_len for s in seqs],
-            block_tables=torch.tensor(table, dtype=torch.long, device=self.device),  # [num_seqs, width]
-            block_size=bs,
-            num_decodes=num_decodes,
-            sliding_window=self.sliding_window,
-        )
-        build_masks(meta, self.device)
+        slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
+        block_tables = torch.tensor(table, dtype=torch.long, device=self.device)  # [num_seqs, width]
+        by_window: dict[int | None, AttentionMetadata] = {}
+        for group in self.storage.groups:
+            window = group.spec.window
+            if window not in by_window:
+                by_window[window] = AttentionMetadata(
+                    slot_mapping=slot_mapping, query_lens=[len(s.token_ids) for s in seqs],
+                    seq_lens=[s.seq_len for s in seqs], block_tables=block_tables, block_size=bs,
+                    num_decodes=num_decodes, sliding_window=window)
+                build_masks(by_window[window], self.device)
+        metas = [by_window[g.spec.window] for g in self.storage.groups]
         return (torch.tensor(tokens, dtype=torch.long, device=self.device),
-                torch.tensor(positions, dtype=torch.long, device=self.device), meta)
+                torch.tensor(positions, dtype=torch.long, device=self.device), metas)
 
 
 def is_decode(s: ScheduledSequence) -> bool:

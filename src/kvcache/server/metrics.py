@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from kvcache.engine.engine import RequestOutput
 
@@ -35,6 +35,10 @@ class _EngineCollector:
             yield GaugeMetricFamily(name, doc, value=stats[key])
         for name, (key, doc) in COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=stats[key])
+        yield GaugeMetricFamily("kvcache_kv_cache_bytes", "Bytes allocated for the KV cache.",
+                                value=stats["kv_cache_bytes"])
+        yield InfoMetricFamily("kvcache_kv_cache", "The KV cache's element format.",  # ..._info{kv_cache_dtype=}
+                               value={"kv_cache_dtype": stats["kv_cache_dtype"]})
 
 
 class Metrics:

@@ -1,0 +1,184 @@
+"""Quantized KV formats: round-trip error bounds, incremental writes, planned == allocated, bad values."""
+
+import pytest
+import torch
+
+from kvcache import SamplingParams
+from kvcache.cache.quant import codec_for
+from kvcache.cache.spec import KVCacheGroup, KVSpec, group_layers, layer_specs, resolve_kv_cache_dtype
+from kvcache.cache.storage import KVCache
+from kvcache.sizing import KVShape, kv_bytes
+
+QUANTIZED = ["fp8", "int8", "int4"]
+ALL_FORMATS = ["fp32", "bf16", "fp16"] + QUANTIZED
+
+
+def _data(kind: str, shape=(3, 40, 64), seed=0) -> torch.Tensor:
+    """[kv_heads, tokens, head_dim]: gaussian, or gaussian with a few outlier channels (like real keys)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=gen)
+    if kind == "outliers":
+        x[..., [3, 17, 40]] *= 40.0
+    return x
+
+
+def _bound(kv_format: str, x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The per-element error bound each codec promises for groups running over ``dim``."""
+    amax = x.abs().amax(dim, keepdim=True)
+    if kv_format == "int8":
+        return amax / 254 * 1.002 + 1e-6
+    if kv_format == "fp8":
+        return x.abs() / 16 + amax / 448 * 2 ** -9 + 1e-6  # 3 mantissa bits; subnormal spacing
+    span = x.amax(dim, keepdim=True) - x.amin(dim, keepdim=True)
+    return span / 30 * 1.01 + x.abs().amax(dim, keepdim=True) * 2 ** -10 + 1e-6  # half a step, fp16 zero
+
+
+@pytest.mark.parametrize("kv_format", QUANTIZED)
+@pytest.mark.parametrize("kind", ["random", "outliers"])
+@pytest.mark.parametrize("dim", [1, 2])  # over tokens (K per channel) or over head_dim (V per token)
+def test_codec_round_trip_within_bounds(kv_format, kind, dim):
+    codec = codec_for(kv_format)
+    x = _data(kind)
+    codes, params = codec.encode(x, dim)
+    stored = codec.pack(codes)
+    assert stored.dtype == codec.code_dtype and stored.shape[-1] == codec.code_width(64)
+    back = codec.decode(codec.unpack(stored), params, torch.float32)
+    assert ((back - x).abs() <= _bound(kv_format, x, dim)).all()
+    assert not torch.equal(back, x)  # it is lossy: the test can tell
+
+
+def test_per_channel_keys_keep_outlier_channels_from_swamping_the_rest():
+    """KIVI: with outlier channels, grouping keys per channel beats grouping them per token."""
+    codec = codec_for("int4")
+    x = _data("outliers")
+    normal = [c for c in range(64) if c not in (3, 17, 40)]
+    per_channel = codec.decode(*_encoded(codec, x, 1))
+    per_token = codec.decode(*_encoded(codec, x, 2))
+    err_channel = (per_channel - x)[..., normal].abs().mean()
+    err_token = (per_token - x)[..., normal].abs().mean()
+    assert err_channel * 5 < err_token
+
+
+def _encoded(codec, x, dim):
+    codes, params = codec.encode(x, dim)
+    return codec.unpack(codec.pack(codes)), params, torch.float32
+
+
+def _one_layer_cache(kv_format, block_size=16, num_blocks=8, heads=3, head_dim=64):
+    return KVCache((KVCacheGroup(0, KVSpec(heads, head_dim, kv_format), (0,)),), num_blocks, block_size)
+
+
+def _read_tokens(cache, blocks, n):
+    keys, values = cache.layers[0].read_blocks(torch.tensor(blocks), torch.float32)
+    heads, hd = keys.shape[0], keys.shape[-1]
+    return keys.reshape(heads, -1, hd)[:, :n], values.reshape(heads, -1, hd)[:, :n]
+
+
+@pytest.mark.parametrize("kv_format", ALL_FORMATS)
+@pytest.mark.parametrize("kind", ["random", "outliers"])
+def test_token_by_token_writes_stay_within_the_block_bound(kv_format, kind):
+    """Decode writes one token at a time into a block that held another request's (larger) data."""
+    cache = _one_layer_cache(kv_format)
+    stale = 100 * torch.ones(64, 3, 64)
+    cache.layers[0].write(stale, stale, torch.arange(64))  # blocks 0..3 full of old, large values
+    k, v = _data(kind, seed=1), _data(kind, seed=2)  # [3, 40, 64]
+    blocks = [2, 0, 3]  # scrambled; 40 tokens span three blocks of 16
+    slots = [blocks[p // 16] * 16 + p % 16 for p in range(40)]
+    cache.layers[0].write(k[:, :7].transpose(0, 1), v[:, :7].transpose(0, 1), torch.tensor(slots[:7]))  # a prefill
+    for p in range(7, 40):
+        cache.layers[0].write(k[:, p:p + 1].transpose(0, 1), v[:, p:p + 1].transpose(0, 1), torch.tensor([slots[p]]))
+    keys, values = _read_tokens(cache, blocks, 40)
+    if kv_format == "fp32":
+        assert torch.equal(keys, k) and torch.equal(values, v)
+        return
+    if kv_format in ("bf16", "fp16"):
+        torch.testing.assert_close(keys, k, atol=0, rtol=2 ** -7)
+        return
+    # keys: per channel over each block. A block re-encoded as it grows re-rounds its earlier tokens
+    # each time a channel's scale grows (measured: up to 3.5x the one-shot bound, +15-18% mean error).
+    for b in range(3):
+        part = slice(16 * b, min(40, 16 * b + 16))
+        bound = 4 * _bound(kv_format, k[:, part], 1)
+        assert ((keys[:, part] - k[:, part]).abs() <= bound).all(), b
+    v_groups = 64 if kv_format != "int4" else 32
+    vg = v.reshape(3, 40, 64 // v_groups, v_groups)
+    v_bound = _bound(kv_format, vg, 3).expand_as(vg).reshape(3, 40, 64)
+    assert ((values - v).abs() <= v_bound).all()
+
+
+@pytest.mark.parametrize("kv_format", ALL_FORMATS)
+@pytest.mark.parametrize("block_size", [1, 5, 16, 32, 64])
+@pytest.mark.parametrize("heads,head_dim,layers", [(3, 64, 30), (2, 6, 3), (1, 128, 2)])
+def test_planned_bytes_equal_allocated_bytes(kv_format, block_size, heads, head_dim, layers):
+    groups = (KVCacheGroup(0, KVSpec(heads, head_dim, kv_format), tuple(range(layers))),)
+    cache = KVCache(groups, 7, block_size)
+    shape = KVShape(layers, heads, head_dim)
+    assert cache.nbytes == cache.planned_nbytes() == 7 * kv_bytes(shape, block_size, 1, kv_format,
+                                                                    block_size=block_size).total_bytes
+    for tokens in (1, block_size, 3 * block_size + 1):
+        assert cache.bytes_held(tokens) == kv_bytes(shape, tokens, 1, kv_format, block_size=block_size).total_bytes
+
+
+def test_groups_split_layers_with_different_specs():
+    full, sliding = KVSpec(2, 8, "int8"), KVSpec(2, 8, "int8", window=4)
+    groups = group_layers((sliding, sliding, full, sliding, sliding, full))
+    assert [(g.group_id, g.spec, g.layers) for g in groups] == [(0, sliding, (0, 1, 3, 4)), (1, full, (2, 5))]
+    cache = KVCache(groups, 3, 4)
+    assert [c.group_id for c in cache.layers] == [0, 0, 1, 0, 0, 1]
+    assert cache.nbytes == cache.planned_nbytes() == 3 * sum(g.block_bytes(4) for g in groups)
+
+
+def test_llama_layers_form_one_group(smollm):
+    groups = group_layers(layer_specs(smollm.config, "int4"))
+    assert len(groups) == 1 and groups[0].layers == tuple(range(30))
+    assert groups[0].spec == KVSpec(3, 64, "int4", None)
+
+
+def test_bad_formats_get_a_clear_value_error():
+    assert resolve_kv_cache_dtype("auto", "bfloat16") == "bf16"
+    assert resolve_kv_cache_dtype("INT8", "float32") == "int8"
+    for bad in ("int3", "", "fp4", None):
+        with pytest.raises(ValueError, match="Unknown kv_cache_dtype .* use one of auto, float32"):
+            resolve_kv_cache_dtype(bad, "float32")
+    with pytest.raises(ValueError, match="even head_dim"):
+        KVSpec(2, 7, "int4")
+
+
+def test_engine_rejects_a_bad_format_before_loading_anything():
+    from kvcache.engine.engine import LLMEngine
+    with pytest.raises(ValueError, match="Unknown kv_cache_dtype 'int3'"):
+        LLMEngine(model="/nonexistent/model.gguf", kv_cache_dtype="int3")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_format", QUANTIZED + ["bfloat16"])
+def test_engine_pool_is_planned_and_reports_its_format(smollm_engine_factory, kv_format):
+    from kvcache.cache.spec import pool_block_bytes
+    engine = smollm_engine_factory(kv_cache_dtype=kv_format, kv_cache_memory="20MB")
+    stats = engine.stats()
+    fmt = resolve_kv_cache_dtype(kv_format, "float32")
+    per_block = pool_block_bytes(engine.kv_groups, 16)
+    assert stats["kv_cache_dtype"] == fmt
+    assert stats["num_blocks_total"] == 20_000_000 // per_block
+    assert stats["kv_cache_bytes"] == stats["num_blocks_total"] * per_block == \
+        stats["num_blocks_total"] * kv_bytes(KVShape(30, 3, 64), 16, 1, fmt, block_size=16).total_bytes
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):",
+           "Once upon a time, in a small village by the sea, there lived an old fisherman who",
+           "List three colours:"]
+
+
+@pytest.mark.slow
+def test_int8_greedy_equals_float32_greedy_on_the_real_model(smollm_engine_factory):
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    outputs = {}
+    for kv_format in ("auto", "int8"):
+        engine = smollm_engine_factory(kv_cache_dtype=kv_format, num_blocks=64)
+        ids = [engine.add_request(None, p, params) for p in PROMPTS]
+        done = {}
+        while engine.has_unfinished_requests():
+            done.update({o.request_id: o for o in engine.step() if o.finished})
+        outputs[kv_format] = [done[i].outputs[0].token_ids for i in ids]
+    assert all(len(t) == 16 for t in outputs["int8"])
+    assert outputs["int8"] == outputs["auto"]
