@@ -193,6 +193,7 @@ def parse_model_dtype(dtype: str) -> str:
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed accepts
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing logits by it would overflow
 MAX_SALT_CHARS = 256
+OUTPUT_KINDS = ("cumulative", "delta", "final")
 
 
 def _is_int(value: Any) -> bool:
@@ -234,6 +235,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     cache_salt: str | None = None
+    output_kind: str = "cumulative"  # every output carries everything so far; "delta": only what is
+    # new since the last output (a long stream then costs O(n), not O(n^2)); "final": only the last
 
     def __post_init__(self) -> None:
         for name in ("n", "max_tokens"):
@@ -256,6 +259,8 @@ class SamplingParams:
                  "stop must be a string or a list of non-empty strings of valid Unicode text.")
         _require(all(_is_int(t) and t >= 0 for t in self.stop_token_ids or ()),
                  "stop_token_ids must be a list of non-negative token ids.")
+        _require(self.output_kind in OUTPUT_KINDS,
+                 f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}.")
         salt = self.cache_salt
         _require(salt is None or (is_text(salt) and 0 < len(salt) <= MAX_SALT_CHARS),
                  f"cache_salt must be a non-empty string of valid Unicode text, at most {MAX_SALT_CHARS} "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -58,6 +58,10 @@ class _Group:
     texts: list[str]
     detokenizers: list[IncrementalDetokenizer]
     error: str | None = None
+    # per sample, for output_kind "delta": characters and tokens handed out, finish reported
+    sent_text: list[int] = field(default_factory=list)
+    sent_tokens: list[int] = field(default_factory=list)
+    sent_finish: list[bool] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -225,7 +229,8 @@ class LLMEngine:
                 log.exception("request %s failed in a step and was ended alone", group.request_id)
                 group.error = f"The engine failed on this request ({type(err).__name__})."
                 self._finish_group(group, "error")
-        return [self._output(g) for g in touched.values()]
+        outputs = (self._output(g) for g in touched.values())
+        return [out for out in outputs if out is not None]
 
     def _fork_if_first(self, group: _Group, request: Request) -> list[Request]:
         """Sample 0's first token: fork the other n-1 samples off its prompt blocks, by reference."""
@@ -278,12 +283,15 @@ class LLMEngine:
         group.texts[request.sample_index] = detok.final_text() if reason else text
         return reason
 
-    def _output(self, group: _Group) -> RequestOutput:
+    def _output(self, group: _Group) -> RequestOutput | None:
+        """The group's output after a step, in its ``output_kind``: everything so far (cumulative),
+        only what is new (delta), or nothing until it finishes (final)."""
         first = group.samples[0]
         finished = group.finished
-        outputs = [CompletionOutput(r.sample_index, group.texts[r.sample_index], list(r.output_token_ids),
-                                    r.finish_reason, list(r.output_logprobs) if group.params.logprobs is not None
-                                    else None) for r in group.samples]
+        if group.params.output_kind == "final" and not finished:
+            return None
+        delta = group.params.output_kind == "delta"
+        outputs = [c for c in (self._completion(group, r, delta) for r in group.samples) if c is not None]
         metrics = {
             "arrival_time": first.arrival_time,
             "first_token_time": first.first_token_time,
@@ -293,6 +301,7 @@ class LLMEngine:
             "peak_kv_blocks": sum(r.peak_blocks for r in group.samples),
             "peak_kv_bytes": sum(r.peak_blocks for r in group.samples) * self.block_bytes,
             "num_cached_prompt_tokens": first.num_cached_prompt_tokens,
+            "num_output_tokens": sum(r.num_tokens - r.num_prompt_tokens for r in group.samples),
         }
         if finished:
             self._groups.pop(group.request_id, None)
@@ -300,6 +309,37 @@ class LLMEngine:
                 self._forget(r)
         return RequestOutput(group.request_id, first.prompt, list(first.prompt_token_ids), outputs,
                              finished, metrics, group.error)
+
+    @staticmethod
+    def _completion(group: _Group, request: Request, delta: bool) -> CompletionOutput | None:
+        """One sample's output: all of it, or (``delta``) only what the last output did not carry,
+        None when that is nothing. A delta holds back text that may still become a stop string.
+
+            output tokens: [ sent .......... | new ]     text: [ sent ....... | new | held ]
+                                              ^ sent_tokens[i]                 ^ sent_text[i]
+        """
+        i = request.sample_index
+        tokens, text = request.output_token_ids, group.texts[i]
+        logprobs = request.output_logprobs if group.params.logprobs is not None else None
+        if not delta:
+            return CompletionOutput(i, text, list(tokens), request.finish_reason,
+                                    None if logprobs is None else list(logprobs))
+        while len(group.sent_tokens) <= i:
+            group.sent_tokens.append(0)
+            group.sent_text.append(0)
+            group.sent_finish.append(False)
+        start_token, start_text = group.sent_tokens[i], group.sent_text[i]
+        end_text = len(text)
+        if group.params.stop and not request.is_finished:
+            end_text -= max(len(s) for s in group.params.stop) - 1
+        end_text = max(start_text, end_text)
+        if start_token == len(tokens) and start_text == end_text and \
+                (group.sent_finish[i] or not request.is_finished):
+            return None
+        group.sent_tokens[i], group.sent_text[i] = len(tokens), end_text
+        group.sent_finish[i] = request.is_finished
+        return CompletionOutput(i, text[start_text:end_text], tokens[start_token:], request.finish_reason,
+                                None if logprobs is None else logprobs[start_token:])
 
     # --- introspection ------------------------------------------------------------------------
 
@@ -370,6 +410,8 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("Give one SamplingParams, or one per prompt.")
+        # nothing but the last output of each request is returned, so none other is built
+        params = [replace(p or SamplingParams(), output_kind="final") for p in params]
         ids = []
         try:
             for prompt, p in zip(prompts, params):
@@ -382,7 +424,7 @@ class LLM:
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
-        while len(done) < len(ids):
+        while len(done) < len(ids):  # only finished outputs are used: see generate's output_kind
             for out in self.engine.step():
                 if out.finished:
                     done[out.request_id] = out

@@ -121,6 +121,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
         return min(default, room) if default else room
 
     def sampling(req, max_tokens: int, logprobs: int | None, prompt_len: int) -> SamplingParams:
+        """The engine's parameters; a stream receives only what is new each step, a whole
+        response only the last output."""
         if prompt_len + max_tokens > engine.max_model_len:
             raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; "
                                 f"you asked for {prompt_len + max_tokens} ({prompt_len} in the prompt, "
@@ -129,7 +131,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
         try:
             return SamplingParams(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                   top_k=req.top_k, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos,
-                                  logprobs=logprobs, cache_salt=req.cache_salt)
+                                  logprobs=logprobs, cache_salt=req.cache_salt,
+                                  output_kind="delta" if req.stream else "final")
         except ValueError as err:
             raise APIError(400, str(err)) from None
 
@@ -242,7 +245,6 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
                 if isinstance(out, Exception) or out.error:
                     yield sse(APIError(500, engine_failure(out), type_="server_error").body())
                     break
-                state.widen(len(out.outputs))
                 for choice in choices_for(state, out):
                     yield sse(base(kind, request_id, model_name, created) | {"choices": [choice]})
                 if out.finished:
@@ -261,23 +263,23 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
 
     def completion_choices(logprobs: int | None) -> Callable[[StreamState, RequestOutput], Iterator[dict]]:
         def choices(state: StreamState, out: RequestOutput) -> Iterator[dict]:
-            for i, text, first, reason in stream_deltas(state, out):
-                lp = completion_logprobs(tokenizer, out.outputs[i].logprobs, first) if logprobs is not None else None
-                yield {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+            for c in stream_deltas(state, out):
+                lp = completion_logprobs(tokenizer, c.logprobs) if logprobs is not None else None
+                yield {"index": c.index, "text": c.text, "logprobs": lp, "finish_reason": c.finish_reason}
         return choices
 
     def chat_choices(logprobs: bool) -> Callable[[StreamState, RequestOutput], Iterator[dict]]:
         def choices(state: StreamState, out: RequestOutput) -> Iterator[dict]:
-            for i, text, first, reason in stream_deltas(state, out):
-                delta: dict[str, Any] = {"content": text} if text else {}
-                if not state.started[i]:
-                    delta = {"role": "assistant", "content": text}
-                    state.started[i] = True
+            for c in stream_deltas(state, out):
+                delta: dict[str, Any] = {"content": c.text} if c.text else {}
+                if not state.started[c.index]:
+                    delta = {"role": "assistant", "content": c.text}
+                    state.started[c.index] = True
                 if delta:
-                    lp = chat_logprobs(tokenizer, out.outputs[i].logprobs, first) if logprobs else None
-                    yield {"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}
-                if reason:
-                    yield {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}
+                    lp = chat_logprobs(tokenizer, c.logprobs) if logprobs else None
+                    yield {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": None}
+                if c.finish_reason:
+                    yield {"index": c.index, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}
         return choices
 
     def render_chat(messages: list[dict[str, str]]) -> list[int]:

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvcache.engine.engine import RequestOutput
+from kvcache.engine.engine import CompletionOutput, RequestOutput
 from kvcache.models.tokenizer import Tokenizer
 
 
@@ -16,7 +16,7 @@ def sse(obj: Any) -> str:
 
 
 def usage(out: RequestOutput) -> dict[str, Any]:
-    completion = sum(len(c.token_ids) for c in out.outputs)
+    completion = out.metrics["num_output_tokens"]
     prompt = len(out.prompt_token_ids)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "kv_cache_peak_bytes": out.metrics.get("peak_kv_bytes", 0),
@@ -27,64 +27,50 @@ def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def completion_logprobs(tokenizer: Tokenizer, entries: list[dict], start: int = 0,
-                        text_offset: int = 0) -> dict[str, Any]:
+def completion_logprobs(tokenizer: Tokenizer, entries: list[dict]) -> dict[str, Any]:
     """The legacy completions format: tokens, token_logprobs, top_logprobs, text_offset."""
-    tokens, offsets, offset = [], [], text_offset
-    for e in entries[start:]:
+    tokens, offsets, offset = [], [], 0
+    for e in entries:
         text = _token_text(tokenizer, e["token_id"])
         tokens.append(text)
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries[start:]],
-            "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in e["top"]} for e in entries[start:]],
+    return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in e["top"]} for e in entries],
             "text_offset": offsets}
 
 
-def chat_logprobs(tokenizer: Tokenizer, entries: list[dict], start: int = 0) -> dict[str, Any]:
+def chat_logprobs(tokenizer: Tokenizer, entries: list[dict]) -> dict[str, Any]:
     """The chat format: content = [{token, logprob, bytes, top_logprobs: [...]}]."""
     def item(token_id: int, logprob: float) -> dict[str, Any]:
         text = _token_text(tokenizer, token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
     return {"content": [item(e["token_id"], e["logprob"]) | {"top_logprobs": [item(t, lp) for t, lp in e["top"]]}
-                        for e in entries[start:]]}
+                        for e in entries]}
 
 
 @dataclass
 class StreamState:
-    """What each choice has already been sent, so every chunk carries only what is new."""
+    """Which choices have started (chat sends the role first) and finished."""
 
-    text_sent: list[int] = field(default_factory=list)
-    tokens_sent: list[int] = field(default_factory=list)
     finished: list[bool] = field(default_factory=list)
     started: list[bool] = field(default_factory=list)
 
     def widen(self, n: int) -> None:
         """Track ``n`` choices (the n samples fork off the first one after its prefill)."""
-        while len(self.text_sent) < n:
-            self.text_sent.append(0)
-            self.tokens_sent.append(0)
+        while len(self.finished) < n:
             self.finished.append(False)
             self.started.append(False)
 
 
-def stream_deltas(state: StreamState, out: RequestOutput) -> list[tuple[int, str, int, str | None]]:
-    """(index, new text, first new token position, finish_reason) for choices that moved."""
-    deltas = []
-    for c in out.outputs:
-        i = c.index
-        if state.finished[i]:
-            continue
-        done = c.finish_reason is not None
-        visible = c.text if done else c.text.rstrip("\ufffd")  # hold back half a character
-        new_text = visible[state.text_sent[i]:]
-        first_token = state.tokens_sent[i]
-        if new_text or done or len(c.token_ids) > first_token:
-            deltas.append((i, new_text, first_token, c.finish_reason if done else None))
-            state.text_sent[i] = max(state.text_sent[i], len(visible))
-            state.tokens_sent[i] = len(c.token_ids)
-            state.finished[i] = done
-    return deltas
+def stream_deltas(state: StreamState, out: RequestOutput) -> list[CompletionOutput]:
+    """The choices that moved; ``out`` holds deltas (output_kind "delta"), so nothing here grows
+    with the length of the stream."""
+    state.widen(1 + max((c.index for c in out.outputs), default=-1))
+    moved = [c for c in out.outputs if not state.finished[c.index]]
+    for c in moved:
+        state.finished[c.index] = c.finish_reason is not None
+    return moved
 
 
 def base(kind: str, request_id: str, model: str, created: int | None = None) -> dict[str, Any]:
