@@ -11,7 +11,6 @@ import sys
 
 from kvcache.cli.generate import TextStream
 from kvcache.cli.options import add_model_options, add_sampling_options, engine_kwargs, sampling_params
-from kvcache.engine.engine import LLMEngine
 
 HELP = "Commands: /reset starts over, /stats shows the cache, /exit (or Ctrl-D) ends."
 
@@ -21,11 +20,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        description="Chat on the terminal; each turn reuses the conversation's KV cache.")
     add_model_options(p)
     add_sampling_options(p)
-    p.add_argument("--system", help="a system message to start the conversation with")
+    p.add_argument("--system", metavar="TEXT", help="a system message to start the conversation with")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvcache.engine.engine import LLMEngine
+
     params = sampling_params(args)
     engine = LLMEngine(**engine_kwargs(args))
     engine.tokenizer.apply_chat_template([{"role": "user", "content": "check"}])  # fail early without a template
@@ -57,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         turn += 1
 
 
-def _turn(engine: LLMEngine, messages: list[dict], params, request_id: str) -> str:
+def _turn(engine, messages: list[dict], params, request_id: str) -> str:
     prompt = engine.tokenizer.apply_chat_template(messages)
     hits_before = engine.kv.prefix_cache_hits
     engine.add_request(request_id, prompt, params)

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import stat
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from kvcache.cli.errors import CommandFailed, UsageError, check_text
 from kvcache.cli.options import add_model_options, add_sampling_options, engine_kwargs, sampling_params
-from kvcache.engine.engine import LLMEngine, RequestOutput
+
+if TYPE_CHECKING:
+    from kvcache.engine.engine import LLMEngine, RequestOutput
 
 DEFAULT_PROMPT = "Explain in three sentences why a KV cache makes text generation faster."
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate text from a prompt",
-                       description="Generate from PROMPT and report prefill/decode speed and KV-cache bytes.")
-    p.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
+                       description="Generate from PROMPT and report prefill/decode speed and KV-cache bytes. "
+                                   "The prompt is read from stdin when PROMPT is '-' or stdin is a pipe.")
+    p.add_argument("prompt", nargs="?",
+                   help=f"the prompt; '-' reads stdin (default: stdin if piped, else {DEFAULT_PROMPT!r})")
     add_model_options(p)
     add_sampling_options(p)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", metavar="TEXT", help="a system message (implies --chat)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.set_defaults(run=run)
 
@@ -27,8 +35,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 class TextStream:
     """Prints only what is new in a growing text, holding back a half-decoded character."""
 
-    def __init__(self, out=sys.stdout) -> None:
-        self.out = out
+    def __init__(self, out=None) -> None:
+        self.out = out or sys.stdout
         self.shown = 0
 
     def update(self, text: str, final: bool = False) -> None:
@@ -39,12 +47,54 @@ class TextStream:
             self.shown = len(visible)
 
 
+def _stdin_is_piped() -> bool:
+    mode = os.fstat(sys.stdin.fileno()).st_mode if sys.stdin and not sys.stdin.closed else 0
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode)
+
+
+def read_stdin_text() -> str:
+    """All of stdin as UTF-8 text; ValueError naming the first byte that is not UTF-8."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"stdin is not valid UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                         "pass UTF-8 text.") from None
+
+
+def prompt_text(args: argparse.Namespace) -> str:
+    """The prompt from the argument, '-' (stdin) or a piped stdin, checked to be UTF-8 text."""
+    if args.prompt == "-" or (args.prompt is None and _stdin_is_piped()):
+        text = read_stdin_text()
+        if not text.strip():
+            raise UsageError("The prompt read from stdin is empty; pipe some text or give PROMPT.")
+        return text.rstrip("\n")
+    return check_text(args.prompt if args.prompt is not None else DEFAULT_PROMPT, "The prompt")
+
+
+def build_prompt(engine: LLMEngine, args: argparse.Namespace, text: str) -> list[int]:
+    """Token ids of the prompt (chat-templated with --chat or --system), checked against the context."""
+    if args.chat or args.system is not None:
+        system = [{"role": "system", "content": check_text(args.system, "--system")}] if args.system else []
+        text = engine.tokenizer.apply_chat_template(system + [{"role": "user", "content": text}])
+    ids = engine.encode_prompt(text)
+    room = engine.max_model_len - len(ids)
+    if room < 1:
+        raise ValueError(f"The prompt has {plural(len(ids), 'token')}; the context is "
+                         f"{plural(engine.max_model_len, 'token')}, which must also hold at least one new token.")
+    if args.max_tokens > room:
+        raise ValueError(f"--max-tokens {args.max_tokens} plus the prompt's {plural(len(ids), 'token')} is past "
+                         f"the context of {plural(engine.max_model_len, 'token')}; give --max-tokens {room} or less.")
+    return ids
+
+
 def run(args: argparse.Namespace) -> int:
+    from kvcache.engine.engine import LLMEngine
+
     params = sampling_params(args)
+    text = prompt_text(args)
     engine = LLMEngine(**engine_kwargs(args))
-    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]) \
-        if args.chat else args.prompt
-    engine.add_request("cli", prompt, params)
+    engine.add_request("cli", build_prompt(engine, args, text), params)
     stream = None if args.json else TextStream()
     final: RequestOutput | None = None
     while engine.has_unfinished_requests():
@@ -53,14 +103,15 @@ def run(args: argparse.Namespace) -> int:
                 stream.update(out.outputs[0].text, final=out.finished)
             if out.finished:
                 final = out
-    assert final is not None
+    if final is None or getattr(final, "error", None):
+        raise CommandFailed(f"generation failed: {getattr(final, 'error', None) or 'no output'}.")
     report = figures(engine, final)
     if args.json:
         print(json.dumps({"text": final.outputs[0].text, "token_ids": final.outputs[0].token_ids,
                           "prompt_token_ids": final.prompt_token_ids,
                           "finish_reason": final.outputs[0].finish_reason, **report}))
     else:
-        print(file=sys.stdout)
+        print(file=sys.stdout, flush=True)
         print(describe(engine, report), file=sys.stderr)
     return 0
 
@@ -86,19 +137,28 @@ def figures(engine: LLMEngine, out: RequestOutput) -> dict[str, Any]:
     }
 
 
+def plural(n: int, word: str) -> str:
+    """'1 token', '2 tokens', '1,024 tokens'."""
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
 def describe(engine: LLMEngine, f: dict[str, Any]) -> str:
+    """The figures as the lines printed after the text. The first token comes out of the prefill,
+    so decode covers the tokens after it, and its rate is over exactly those."""
     cfg = engine.model_config
     bpe = f"{engine.storage.bytes_per_element:g}"
-    decode = f"{f['decode_tokens_per_second']:.1f} tok/s" if f["decode_tokens_per_second"] else "n/a"
+    decoded = f["completion_tokens"] - 1
+    rate = f", {f['decode_tokens_per_second']:.1f} tok/s" if f["decode_tokens_per_second"] else ""
     match = "match" if f["kv_cache_bytes"] == f["kv_cache_bytes_formula"] else "MISMATCH"
     return "\n".join([
         "",
-        f"prefill  {f['prompt_tokens']} tokens in {f['prefill_seconds']:.3f} s "
-        f"({f['prefill_tokens_per_second']:.1f} tok/s)",
-        f"decode   {f['completion_tokens']} tokens in {f['decode_seconds']:.3f} s ({decode}), {f['dtype']}, KV cache {f['kv_cache_dtype']}",
-        f"KV held  {f['kv_cache_bytes']:,} B for {f['kv_tokens']} tokens "
+        f"prefill  {plural(f['prompt_tokens'], 'token')} in {f['prefill_seconds']:.3f} s "
+        f"({f['prefill_tokens_per_second']:.1f} tok/s), then the first new token",
+        f"decode   {plural(decoded, 'more token')} in {f['decode_seconds']:.3f} s{rate}; "
+        f"{f['dtype']}, KV cache {f['kv_cache_dtype']}",
+        f"KV held  {f['kv_cache_bytes']:,} B for {plural(f['kv_tokens'], 'token')} "
         f"({engine.storage.bytes_per_token:,} B/token, read off the cache tensors); "
-        f"{f['kv_blocks']} blocks of {f['block_size']} allocated = {f['kv_bytes_allocated']:,} B",
+        f"{plural(f['kv_blocks'], 'block')} of {f['block_size']} allocated = {f['kv_bytes_allocated']:,} B",
         f"formula  2 x {cfg.num_layers} layers x {cfg.num_kv_heads} kv_heads x {cfg.head_dim} head_dim x "
-        f"{f['kv_tokens']} tokens x 1 x {bpe} B = {f['kv_cache_bytes_formula']:,} B  ({match})",
+        f"{plural(f['kv_tokens'], 'token')} x 1 x {bpe} B = {f['kv_cache_bytes_formula']:,} B  ({match})",
     ])

@@ -1,46 +1,95 @@
-"""Options shared by the commands that load a model and run the engine."""
+"""Options shared by the commands that load a model and run the engine (no torch imported here)."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
+from kvcache.cli.errors import check_text
 from kvcache.config import SamplingParams, SchedulerConfig
-from kvcache.sizing import parse_bytes
+from kvcache.sizing import DTYPE_ALIASES, parse_bytes
+
+MODEL_FORMATS = {"fp32": "float32", "bf16": "bfloat16"}
+BIG = 1 << 31  # the largest count an option takes: past any real use, inside every 64-bit product
+
+
+def int_between(low: int, high: int):
+    """An argparse type: an integer in [low, high], else argparse's usage and one sentence."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low:,} and {high:,}, got {value:,}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def model_dtype(name: str) -> str:
+    """The torch dtype name the model runs in, from any spelling ``kvcache size`` also accepts."""
+    short = DTYPE_ALIASES.get(name.lower(), name.lower())
+    if short == "fp16":
+        raise ValueError(f"--dtype {name}: the model runs in fp32 (float32) or bf16 (bfloat16) here; float16 "
+                         "matrix products on a CPU are slow and lose accuracy (fp16 stays a planning format "
+                         "for `kvcache size`).")
+    if short not in MODEL_FORMATS:
+        raise ValueError(f"Unknown dtype {name!r}; the model runs in fp32 (float32) or bf16 (bfloat16).")
+    return MODEL_FORMATS[short]
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH",
                         help="a GGUF file or a Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default: float32)")
-    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
-    parser.add_argument("--num-blocks", type=int, help="KV blocks in the pool (default: from --kv-cache-memory)")
+    parser.add_argument("--dtype", default="float32",
+                        help="the weights' and activations' format: fp32 (float32) or bf16 (bfloat16) "
+                             "(default: float32)")
+    parser.add_argument("--max-model-len", type=int_between(2, BIG), metavar="TOKENS",
+                        help="the longest sequence (prompt + output) to allow (default: the model's context)")
+    parser.add_argument("--block-size", type=int_between(1, 1024), default=16,
+                        help="tokens per KV block (default: 16)")
+    parser.add_argument("--num-blocks", type=int_between(1, BIG),
+                        help="KV blocks in the pool (default: from --kv-cache-memory)")
     parser.add_argument("--kv-cache-memory", metavar="BYTES",
                         help="KV pool budget, e.g. 2GB or 512MiB (default: 1GiB)")
     parser.add_argument("--kv-cache-dtype", default="auto", metavar="FORMAT",
                         help="KV cache element format: auto (the model's dtype), float32, bfloat16, float16, "
                              "fp8, int8 or int4 (default: auto)")
-    parser.add_argument("--no-prefix-caching", action="store_true", help="turn prefix caching off")
-    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (default: 64)")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="turn prefix caching off (no reuse of earlier prompts' KV blocks)")
+    parser.add_argument("--max-num-seqs", type=int_between(1, 1 << 16), default=64,
+                        help="sequences per step (default: 64)")
+    parser.add_argument("--max-num-batched-tokens", type=int_between(1, BIG), default=2048,
                         help="tokens per step (default: 2048)")
-    parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+    parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"],
+                        help="when KV blocks run out, recompute a preempted request's KV later or swap it "
+                             "to host memory (default: recompute)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=128, help="tokens to generate (default: 128)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default: 0)")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=-1)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--max-tokens", type=int_between(1, BIG), default=128,
+                        help="tokens to generate at most (default: 128)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature; 0 means greedy (default: 0)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="sample from the smallest set of tokens whose probability reaches this, in (0, 1] "
+                             "(default: 1, off)")
+    parser.add_argument("--top-k", type=int_between(-1, BIG), default=-1,
+                        help="sample from the k most likely tokens only; -1 is off (default: -1)")
+    parser.add_argument("--seed", type=int, help="random seed for sampling, a 64-bit integer (default: random)")
+    parser.add_argument("--stop", action="append", metavar="TEXT",
+                        help="stop when the output contains TEXT (the text is not shown); may be repeated")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """LLMEngine keyword arguments from the model options, validated (ValueError on bad values)."""
     return {
-        "model": args.model, "dtype": args.dtype, "block_size": args.block_size,
+        "model": args.model, "dtype": model_dtype(args.dtype), "block_size": args.block_size,
         "num_blocks": args.num_blocks, "kv_cache_dtype": args.kv_cache_dtype,
         "kv_cache_memory": parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
         "enable_prefix_caching": not args.no_prefix_caching,
+        "max_model_len": args.max_model_len,
         "scheduler_config": SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                             max_num_batched_tokens=args.max_num_batched_tokens,
                                             preemption_mode=args.preemption_mode),
@@ -48,5 +97,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    stop = [check_text(s, "--stop") for s in args.stop or ()] or None
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed)
+                          top_k=args.top_k, seed=args.seed, stop=stop)

