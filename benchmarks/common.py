@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable
@@ -75,5 +76,4 @@ def cpu_description() -> str:
         pass
     wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"]
     have = [f for f in wanted if f in flags]
-    import os
     return f"{model}, {os.cpu_count()} cores; features: {' '.join(have) or 'none of ' + ' '.join(wanted)}"
