@@ -55,7 +55,11 @@ def test_fork_shares_and_copies_the_partial_block_on_write():
 
 
 class PoolMachine(RuleBasedStateMachine):
-    """Random add / step / abort / fork / finish sequences on a small pool."""
+    """Random add / step / abort / fork / finish / rollback sequences on a small pool.
+
+    ``contents`` plays the runner: it copies blocks as the kv manager asks and writes each computed
+    token into the slot its table gives, so the machine can check that every hash the pool offers
+    still describes the tokens its block holds."""
 
     def __init__(self):
         super().__init__()
@@ -64,6 +68,15 @@ class PoolMachine(RuleBasedStateMachine):
         self.kv = KVCacheManager(self.pool, self.block_size)
         self.live: list[Request] = []
         self.n = 0
+        self.contents: dict[int, list[int | None]] = {b: [None] * self.block_size for b in range(24)}
+        self.tokens_of_hash: dict = {}
+
+    def _write(self, r: Request, start: int, end: int) -> None:
+        """Run the step's block copies, then write tokens [start, end) of ``r`` into its slots."""
+        for src, dst in self.kv.take_pending_copies():
+            self.contents[dst] = list(self.contents[src])
+        for pos in range(start, end):
+            self.contents[r.block_ids[pos // self.block_size]][pos % self.block_size] = r.all_token_ids[pos]
 
     @rule(prompt=st.lists(st.integers(0, 5), min_size=1, max_size=30), salt=st.sampled_from([None, "x"]))
     def add(self, prompt, salt):
@@ -71,6 +84,7 @@ class PoolMachine(RuleBasedStateMachine):
         self.n += 1
         hits = self.kv.find_cached_prefix(r)
         if self.kv.allocate_slots(r, len(prompt) - len(hits) * self.block_size, hits):
+            self._write(r, len(hits) * self.block_size, len(prompt))
             r.num_computed_tokens = len(prompt)
             self.live.append(r)
 
@@ -80,10 +94,11 @@ class PoolMachine(RuleBasedStateMachine):
         r = self.live[i % len(self.live)]
         r.all_token_ids.append(token)
         if self.kv.allocate_slots(r, 1):
+            self._write(r, r.num_computed_tokens, r.num_computed_tokens + 1)
             r.num_computed_tokens += 1
         else:
             r.all_token_ids.pop()
-        self.kv.take_pending_copies()
+            self.kv.take_pending_copies()
 
     @precondition(lambda self: self.live)
     @rule(i=st.integers(0, 100))
@@ -106,6 +121,16 @@ class PoolMachine(RuleBasedStateMachine):
         keep = min(keep, r.num_computed_tokens)
         self.kv.truncate(r, keep)
         del r.all_token_ids[keep:]
+
+    @invariant()
+    def every_registered_hash_matches_the_tokens_its_block_holds(self):
+        bs = self.block_size
+        for r in self.live:
+            for i, block_hash in enumerate(r.block_hashes):
+                self.tokens_of_hash[block_hash] = r.all_token_ids[i * bs:(i + 1) * bs]
+        for block in self.pool.blocks:
+            if block.block_hash is not None:
+                assert self.contents[block.block_id] == self.tokens_of_hash[block.block_hash], block.block_id
 
     @invariant()
     def free_plus_used_is_total(self):

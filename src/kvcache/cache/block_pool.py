@@ -106,6 +106,10 @@ class BlockPool:
             block.block_hash = block_hash
             self._by_hash[block_hash] = block
 
+    def unregister(self, block_id: int) -> None:
+        """Make a block unfindable by prefix hash (its tokens are about to change)."""
+        self._forget_hash(self.blocks[block_id])
+
     def ref_count(self, block_id: int) -> int:
         return self.blocks[block_id].ref_count
 

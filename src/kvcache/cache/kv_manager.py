@@ -171,10 +171,17 @@ class KVCacheManager:
         child.num_computed_tokens = parent.num_computed_tokens
 
     def truncate(self, seq: CachedSequence, num_tokens: int) -> None:
-        """Keep KV for the first ``num_tokens`` tokens only (rollback); frees whole blocks past them."""
+        """Keep KV for the first ``num_tokens`` tokens only (rollback); frees whole blocks past them.
+
+        Dropped whole blocks keep their prefix hashes (their contents still match them). A kept
+        block that becomes partial will be written again in place, so it leaves the prefix cache
+        unless another request shares it (then the next write copies it first).
+        """
         keep = self.blocks_for(num_tokens)
         dropped = seq.block_ids[keep:]
         self.pool.release(reversed(dropped))
         del seq.block_ids[keep:]
         del seq.block_hashes[num_tokens // self.block_size:]
+        if num_tokens % self.block_size and self.pool.ref_count(seq.block_ids[-1]) == 1:
+            self.pool.unregister(seq.block_ids[-1])
         seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
