@@ -112,7 +112,7 @@ def throughput(args: argparse.Namespace) -> None:
     engines = {}
     for name in runs:
         kwargs = {} if name == "auto" else {"kv_cache_dtype": name}
-        llm = LLM(loaded=loaded, kv_cache_memory=f"{args.kv_gib}GiB",
+        llm = LLM(loaded=loaded, dtype=args.dtype, kv_cache_memory=f"{args.kv_gib}GiB",
                   scheduler_config=SchedulerConfig(max_num_seqs=args.seqs, max_num_batched_tokens=4096), **kwargs)
         engines[name] = llm.engine
     for _ in range(args.repeats):
@@ -135,7 +135,7 @@ def throughput(args: argparse.Namespace) -> None:
             runs[name].append(args.seqs * steps / elapsed)
     base = median(runs[next(iter(runs))])
     for name, values in runs.items():
-        print(json.dumps({"bench": "throughput", "kv_cache_dtype": name, "seqs": args.seqs,
+        print(json.dumps({"bench": "throughput", "kv_cache_dtype": name, "dtype": args.dtype, "seqs": args.seqs,
                           "context": args.context, "tok_s_median": median(values),
                           "ratio_vs_first": median(values) / base, "runs": values}))
 
@@ -151,7 +151,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--kv-gib", type=float, default=1.0)
+    parser.add_argument("--kv-gib", type=float, default=0.5)
+    parser.add_argument("--dtype", default="float32", help="the model's dtype (throughput)")
     parser.add_argument("--formats", default=",".join(FORMATS))
     args = parser.parse_args()
     print(f"# {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads")

@@ -70,7 +70,8 @@ def test_fast_path_matches_reference(query_lens, seq_lens, heads, kv_heads, wind
 
 @pytest.mark.parametrize("kv_format", FORMATS)
 @pytest.mark.parametrize("query_lens,seq_lens", [
-    ([1, 1, 1], [3, 17, 8]), ([5], [12]), ([1, 1, 6, 3], [5, 20, 6, 11]), ([1] * 6, [41, 38, 30, 12, 9, 2])])
+    ([1], [9]), ([1, 1, 1], [3, 17, 8]), ([5], [12]), ([1, 1, 6, 3], [5, 20, 6, 11]),
+    ([1] * 6, [41, 38, 30, 12, 9, 2])])
 @pytest.mark.parametrize("window", [None, 5])
 def test_every_format_matches_the_reference_over_the_decoded_cache(kv_format, query_lens, seq_lens, window):
     q, k, v, make_cache, meta = _case(query_lens, seq_lens, 6, 2, head_dim=64, window=window, kv_format=kv_format)

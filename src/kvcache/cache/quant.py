@@ -72,7 +72,7 @@ class Int8Codec(Codec):
         return codes, (scale,)
 
     def decode(self, codes, params, dtype):
-        return codes.to(dtype) * params[0].to(dtype)
+        return codes.to(dtype).mul_(params[0].to(dtype))  # in place: one pass fewer over the gathered blocks
 
 
 class Fp8Codec(Codec):
@@ -87,7 +87,7 @@ class Fp8Codec(Codec):
         return codes, (scale,)
 
     def decode(self, codes, params, dtype):
-        return codes.to(dtype) * params[0].to(dtype)
+        return codes.to(dtype).mul_(params[0].to(dtype))
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         return codes.view(torch.uint8)
@@ -109,7 +109,7 @@ class Int4Codec(Codec):
 
     def decode(self, codes, params, dtype):
         scale, zero = params
-        return codes.to(dtype) * scale.to(dtype) + zero.to(dtype)
+        return codes.to(dtype).mul_(scale.to(dtype)).add_(zero.to(dtype))
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         """[..., 2k] codes 0..15 -> [..., k] bytes: even index in the low nibble, odd in the high."""
@@ -117,7 +117,10 @@ class Int4Codec(Codec):
 
     def unpack(self, stored: torch.Tensor) -> torch.Tensor:
         """[..., k] bytes -> [..., 2k] codes."""
-        return torch.stack((stored & 15, stored >> 4), dim=-1).flatten(-2)
+        out = torch.empty(*stored.shape, 2, dtype=torch.uint8, device=stored.device)  # [..., k, 2]
+        torch.bitwise_and(stored, 15, out=out[..., 0])
+        torch.bitwise_right_shift(stored, 4, out=out[..., 1])
+        return out.flatten(-2)
 
 
 CODECS: dict[str, Codec] = {c.name: c for c in (Fp8Codec(), Int8Codec(), Int4Codec())}

@@ -44,6 +44,19 @@ class LayerCache:
         """(keys, values) of these blocks as the format returns them: each [kv_heads, len(ids), block_size, hd]."""
         return self.group.read_blocks(self.local_index, block_ids, dtype)
 
+    def read_keys(self, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Keys alone of these blocks, decoded: [kv_heads, len(ids), block_size, hd]."""
+        return self.group.read_keys(self.local_index, block_ids, dtype)
+
+    def weighted_values(self, weights: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """sum_t weights[..., t] x value_t over the blocks' first S tokens per sequence.
+
+        weights [kv_heads, n, group, S]; block_ids [n * W] (W blocks per sequence, W * block_size >= S)
+        -> [kv_heads, n, group, hd]. A quantized group folds its value scales into the weights
+        instead of decoding every value.
+        """
+        return self.group.weighted_values(self.local_index, weights, block_ids)
+
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole layer decoded to float32, [kv_heads, num_blocks, block_size, hd] each (for the reference)."""
         every = torch.arange(self.group.num_blocks, device=self.group.device)
@@ -80,6 +93,12 @@ class GroupStorage:
         raise NotImplementedError
 
     def read_blocks(self, layer: int, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def read_keys(self, layer: int, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weighted_values(self, layer: int, weights: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def _dims(self) -> tuple[int, int, int, int, int]:
@@ -129,8 +148,15 @@ class PlainGroup(GroupStorage):
             flat.index_copy_(1, slot_mapping, x.transpose(0, 1).to(flat.dtype))  # x [T, heads, hd]
 
     def read_blocks(self, layer, block_ids, dtype):
-        return (self.regions["k"][layer].index_select(1, block_ids).to(dtype),
-                self.regions["v"][layer].index_select(1, block_ids).to(dtype))
+        return self.read_keys(layer, block_ids, dtype), self.regions["v"][layer].index_select(1, block_ids).to(dtype)
+
+    def read_keys(self, layer, block_ids, dtype):
+        return self.regions["k"][layer].index_select(1, block_ids).to(dtype)
+
+    def weighted_values(self, layer, weights, block_ids):
+        heads, n, _, length = weights.shape
+        values = self.regions["v"][layer].index_select(1, block_ids).to(weights.dtype)  # [heads, n * W, bs, hd]
+        return torch.matmul(weights, values.view(heads, n, -1, values.shape[-1])[:, :, :length])
 
 
 class QuantizedGroup(GroupStorage):
@@ -204,14 +230,32 @@ class QuantizedGroup(GroupStorage):
     def read_blocks(self, layer, block_ids, dtype):
         heads, hd, g = self.group.spec.num_kv_heads, self.group.spec.head_dim, self.value_group
         codec = self.codec
-        k_codes = codec.unpack(self.regions["k_codes"][layer].index_select(1, block_ids))  # [heads, m, bs, hd]
-        k_params = tuple(p.index_select(1, block_ids).unsqueeze(2) for p in self._params("k", layer))
-        keys = codec.decode(k_codes, k_params, dtype)
         v_codes = codec.unpack(self.regions["v_codes"][layer].index_select(1, block_ids))
         m, bs = v_codes.shape[1], v_codes.shape[2]
         v_params = tuple(p.index_select(1, block_ids).unsqueeze(-1) for p in self._params("v", layer))
         values = codec.decode(v_codes.view(heads, m, bs, hd // g, g), v_params, dtype).view(heads, m, bs, hd)
-        return keys, values
+        return self.read_keys(layer, block_ids, dtype), values
+
+    def read_keys(self, layer, block_ids, dtype):
+        codec = self.codec
+        k_codes = codec.unpack(self.regions["k_codes"][layer].index_select(1, block_ids))  # [heads, m, bs, hd]
+        k_params = tuple(p.index_select(1, block_ids).unsqueeze(2) for p in self._params("k", layer))
+        return codec.decode(k_codes, k_params, dtype)
+
+    def weighted_values(self, layer, weights, block_ids):
+        """With v = code x scale (+ zero) per token group: sum_t w_t v_t = (w x scale) @ codes (+ w @ zero)."""
+        heads, n, group, length = weights.shape
+        hd, g = self.group.spec.head_dim, self.value_group
+        dtype = weights.dtype
+        codes = self.codec.unpack(self.regions["v_codes"][layer].index_select(1, block_ids)).to(dtype)
+        codes = codes.view(heads, n, -1, hd // g, g)[:, :, :length]  # [heads, n, S, G, g]
+        params = [p.index_select(1, block_ids).to(dtype).view(heads, n, -1, hd // g)[:, :, :length]
+                  for p in self._params("v", layer)]  # each [heads, n, S, G]
+        scaled = weights.unsqueeze(-1) * params[0].unsqueeze(2)  # [heads, n, group, S, G]
+        out = torch.einsum("kngsG,knsGc->kngGc", scaled, codes)  # [heads, n, group, G, g]
+        if len(params) > 1:  # int4's zero point: + sum_t w_t zero_t
+            out += torch.einsum("kngs,knsG->kngG", weights, params[1]).unsqueeze(-1)
+        return out.reshape(heads, n, group, hd)
 
 
 class KVCache:
