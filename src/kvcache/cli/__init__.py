@@ -15,6 +15,7 @@ import sys
 from kvcache import __version__ as VERSION
 from kvcache.cli import chat, generate, perplexity, serve, size
 from kvcache.cli.errors import CommandFailed, UsageError, describe_os_error
+from kvcache.cli.threads import apply_threads
 
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
@@ -59,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     name = f"kvcache {args.command}"
     try:
+        if hasattr(args, "threads"):  # a command that runs a model
+            apply_threads(args.threads)
         return args.run(args) or 0
     except (ValueError, UsageError) as err:
         print(f"{name}: error: {err}", file=sys.stderr)

@@ -14,6 +14,7 @@ from kvcache.cli.options import add_model_options, add_sampling_options, engine_
 
 if TYPE_CHECKING:
     from kvcache.engine.engine import LLMEngine, RequestOutput
+    from kvcache.models.tokenizer import Tokenizer
 
 DEFAULT_PROMPT = "Explain in three sentences why a KV cache makes text generation faster."
 
@@ -72,29 +73,45 @@ def prompt_text(args: argparse.Namespace) -> str:
     return check_text(args.prompt if args.prompt is not None else DEFAULT_PROMPT, "The prompt")
 
 
-def build_prompt(engine: LLMEngine, args: argparse.Namespace, text: str) -> list[int]:
+def build_prompt(tokenizer: Tokenizer, args: argparse.Namespace, text: str, max_model_len: int) -> list[int]:
     """Token ids of the prompt (chat-templated with --chat or --system), checked against the context."""
     if args.chat or args.system is not None:
         system = [{"role": "system", "content": check_text(args.system, "--system")}] if args.system else []
-        text = engine.tokenizer.apply_chat_template(system + [{"role": "user", "content": text}])
-    ids = engine.encode_prompt(text)
-    room = engine.max_model_len - len(ids)
+        text = tokenizer.apply_chat_template(system + [{"role": "user", "content": text}])
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise ValueError("The prompt is empty; give at least one token.")
+    room = max_model_len - len(ids)
     if room < 1:
         raise ValueError(f"The prompt has {plural(len(ids), 'token')}; the context is "
-                         f"{plural(engine.max_model_len, 'token')}, which must also hold at least one new token.")
+                         f"{plural(max_model_len, 'token')}, which must also hold at least one new token.")
     if args.max_tokens > room:
         raise ValueError(f"--max-tokens {args.max_tokens} plus the prompt's {plural(len(ids), 'token')} is past "
-                         f"the context of {plural(engine.max_model_len, 'token')}; give --max-tokens {room} or less.")
+                         f"the context of {plural(max_model_len, 'token')}; give --max-tokens {room} or less.")
     return ids
+
+
+def sized_to_request(kwargs: dict[str, Any], num_tokens: int) -> dict[str, Any]:
+    """A one-shot command needs KV blocks for its one request only: unless the pool's size was
+    given, allocate ceil(tokens / block_size) blocks instead of the default 1 GiB."""
+    if kwargs["num_blocks"] is None and kwargs["kv_cache_memory"] is None:
+        kwargs = dict(kwargs, num_blocks=-(-num_tokens // kwargs["block_size"]))
+    return kwargs
 
 
 def run(args: argparse.Namespace) -> int:
     from kvcache.engine.engine import LLMEngine
+    from kvcache.models.loader import load_model
 
     params = sampling_params(args)
     text = prompt_text(args)
-    engine = LLMEngine(**engine_kwargs(args))
-    engine.add_request("cli", build_prompt(engine, args, text), params)
+    kwargs = engine_kwargs(args)
+    loaded = load_model(args.model)
+    context = min(args.max_model_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings)
+    ids = build_prompt(loaded.tokenizer, args, text, context)
+    engine = LLMEngine(loaded=loaded, **sized_to_request(kwargs, len(ids) + args.max_tokens))
+    del loaded  # the engine holds what it needs from it
+    engine.add_request("cli", ids, params)
     stream = None if args.json else TextStream()
     final: RequestOutput | None = None
     while engine.has_unfinished_requests():
@@ -118,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
 
 def figures(engine: LLMEngine, out: RequestOutput) -> dict[str, Any]:
     """Speed and KV bytes of one finished request: held (read off the tensors) and planned (formula)."""
+    import torch
+
     m = out.metrics
     prefill_s = m["first_token_time"] - m["arrival_time"]
     n_out = len(out.outputs[0].token_ids)
@@ -132,8 +151,8 @@ def figures(engine: LLMEngine, out: RequestOutput) -> dict[str, Any]:
         "kv_cache_bytes": engine.storage.bytes_held(kv_tokens),
         "kv_cache_bytes_formula": engine.kv_bytes_for_tokens(kv_tokens),
         "kv_blocks": m["peak_kv_blocks"], "kv_bytes_allocated": m["peak_kv_bytes"],
-        "block_size": engine.cache_config.block_size, "dtype": engine.dtype,
-        "kv_cache_dtype": engine.kv_cache_dtype,
+        "block_size": engine.cache_config.block_size, "kv_pool_blocks": engine.pool.num_blocks, "dtype": engine.dtype,
+        "kv_cache_dtype": engine.kv_cache_dtype, "threads": torch.get_num_threads(),
     }
 
 
@@ -155,7 +174,7 @@ def describe(engine: LLMEngine, f: dict[str, Any]) -> str:
         f"prefill  {plural(f['prompt_tokens'], 'token')} in {f['prefill_seconds']:.3f} s "
         f"({f['prefill_tokens_per_second']:.1f} tok/s), then the first new token",
         f"decode   {plural(decoded, 'more token')} in {f['decode_seconds']:.3f} s{rate}; "
-        f"{f['dtype']}, KV cache {f['kv_cache_dtype']}",
+        f"{f['dtype']}, KV cache {f['kv_cache_dtype']}, {plural(f['threads'], 'thread')}",
         f"KV held  {f['kv_cache_bytes']:,} B for {plural(f['kv_tokens'], 'token')} "
         f"({engine.storage.bytes_per_token:,} B/token, read off the cache tensors); "
         f"{plural(f['kv_blocks'], 'block')} of {f['block_size']} allocated = {f['kv_bytes_allocated']:,} B",

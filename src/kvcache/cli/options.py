@@ -39,6 +39,12 @@ def model_dtype(name: str) -> str:
     return MODEL_FORMATS[short]
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int_between(1, 4096), metavar="N",
+                        help="CPU threads for the model (default: the cores not busy with other work when the "
+                             "command starts, at least 1)")
+
+
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH",
                         help="a GGUF file or a Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -62,6 +68,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="sequences per step (default: 64)")
     parser.add_argument("--max-num-batched-tokens", type=int_between(1, BIG), default=2048,
                         help="tokens per step (default: 2048)")
+    add_threads_option(parser)
     parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"],
                         help="when KV blocks run out, recompute a preempted request's KV later or swap it "
                              "to host memory (default: recompute)")

@@ -15,6 +15,8 @@ import sys
 import time
 from typing import Any
 
+from kvcache.cli.options import add_threads_option
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("perplexity", help="score a text file: perplexity (and KLD) per KV cache format",
@@ -31,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kld", action="store_true",
                    help="also compare each position against an unquantized cache: mean KLD, top-1 agreement")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_threads_option(p)
     p.set_defaults(run=run)
 
 

@@ -115,7 +115,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # _weight: no random init, the weights are always loaded (normal_ on the meta device costs ~2 s of imports)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
+                                         _weight=torch.empty(config.vocab_size, config.hidden_size))
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rope = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope_theta)
@@ -142,19 +144,20 @@ class LlamaForCausalLM(nn.Module):
         return F.linear(hidden, weight).float()
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copy Hugging Face-named tensors in, fusing Q/K/V and gate/up; every tensor must be used."""
+        """Take Hugging Face-named tensors as parameters, fusing Q/K/V and gate/up (a view when they are
+        adjacent already, else a copy); every tensor must be used."""
         weights = _WeightSource(weights)
         own = self.state_dict()
         mapped: dict[str, torch.Tensor] = {}
         for i in range(self.config.num_layers):
             src, dst = f"model.layers.{i}.", f"layers.{i}."
-            mapped[dst + "self_attn.qkv_proj.weight"] = torch.cat(
-                [weights.pop(src + f"self_attn.{p}_proj.weight") for p in "qkv"])
+            mapped[dst + "self_attn.qkv_proj.weight"] = weights.fused(
+                [src + f"self_attn.{p}_proj.weight" for p in "qkv"])
             if self.config.attention_bias:
-                mapped[dst + "self_attn.qkv_proj.bias"] = torch.cat(
-                    [weights.pop(src + f"self_attn.{p}_proj.bias") for p in "qkv"])
-            mapped[dst + "mlp.gate_up_proj.weight"] = torch.cat(
-                [weights.pop(src + "mlp.gate_proj.weight"), weights.pop(src + "mlp.up_proj.weight")])
+                mapped[dst + "self_attn.qkv_proj.bias"] = weights.fused(
+                    [src + f"self_attn.{p}_proj.bias" for p in "qkv"])
+            mapped[dst + "mlp.gate_up_proj.weight"] = weights.fused(
+                [src + "mlp.gate_proj.weight", src + "mlp.up_proj.weight"])
             if self.config.output_bias:
                 mapped[dst + "self_attn.o_proj.bias"] = weights.pop(src + "self_attn.o_proj.bias")
             for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
@@ -173,7 +176,7 @@ class LlamaForCausalLM(nn.Module):
             if own[name].shape != tensor.shape:
                 raise ValueError(f"Weight {name} has shape {tuple(tensor.shape)}; the config says "
                                  f"{tuple(own[name].shape)}.")
-        self.load_state_dict(mapped, strict=False)
+        self.load_state_dict(mapped, strict=False, assign=True)  # take the tensors as they are: no second copy
 
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
@@ -189,6 +192,21 @@ class _WeightSource:
         if name not in self._weights and not default:
             raise ValueError(f"The weights have no tensor {name!r}; they do not match this architecture.")
         return self._weights.pop(name, *default)
+
+    def fused(self, parts: list[str]) -> torch.Tensor:
+        """The row-wise concatenation of ``parts``: a view, with no copy, when they already lie one
+        after another in one storage (as kvcache's converted cache hands them out), else a new tensor."""
+        tensors = [self.pop(part) for part in parts]
+        first = tensors[0]
+        end = first.data_ptr()
+        for t in tensors:
+            if not t.is_contiguous() or t.data_ptr() != end or t.shape[1:] != first.shape[1:] \
+                    or t.dtype != first.dtype or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr():
+                return torch.cat(tensors)
+            end += t.numel() * t.element_size()
+        rows = sum(t.shape[0] for t in tensors)
+        return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (rows, *first.shape[1:]),
+                                       first.stride())
 
     def remaining(self) -> list[str]:
         return list(self._weights)

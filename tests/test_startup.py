@@ -1,0 +1,56 @@
+"""Start-up and threads: the one-shot pool sized to the request, weights taken without a copy and
+cached by content, and the default thread count leaving busy cores alone."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kvcache.cli.threads import allowed_cpus, busy_cores, default_threads
+from kvcache.models.loader import default_model_path, load_model
+
+
+def test_default_threads_leave_a_busy_core_alone():
+    neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        cpus = allowed_cpus()
+        assert busy_cores(cpus, 0.5) >= 0.8  # the neighbour's core (and whatever else runs) is seen busy
+        assert 1 <= default_threads() <= max(1, len(cpus) - 1)
+    finally:
+        neighbour.kill()
+        neighbour.wait()
+
+
+@pytest.mark.slow
+def test_generate_sizes_its_pool_to_the_request_and_takes_threads():
+    r = subprocess.run([sys.executable, "-m", "kvcache", "generate", "hi", "--max-tokens", "20", "--json",
+                        "--threads", "1"], capture_output=True, text=True, timeout=300)
+    out = json.loads(r.stdout)
+    assert out["kv_pool_blocks"] == 2  # ceil((1 prompt + 20 new) / 16), not 1 GiB
+    assert out["threads"] == 1
+
+
+@pytest.mark.slow
+def test_model_takes_the_loaded_weights_without_a_copy(smollm_engine_factory, smollm):
+    engine = smollm_engine_factory(num_blocks=4)
+    qkv = engine.model.layers[0].self_attn.qkv_proj.weight
+    q = smollm.weights["model.layers.0.self_attn.q_proj.weight"]
+    assert qkv.data_ptr() == q.data_ptr() and qkv.shape[0] > q.shape[0]
+
+
+@pytest.mark.slow
+def test_converted_weights_are_keyed_by_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVCACHE_CACHE_DIR", str(tmp_path / "cache"))
+    first, second = tmp_path / "a" / "model.gguf", tmp_path / "b" / "renamed.gguf"
+    for path in (first, second):
+        path.parent.mkdir()
+        shutil.copyfile(default_model_path(), path)
+    load_model(first)
+    load_model(second)  # same bytes elsewhere under another name: found, not converted again
+    assert len(list((tmp_path / "cache" / "converted").iterdir())) == 1
