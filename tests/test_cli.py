@@ -63,5 +63,5 @@ def test_chat_reuses_the_conversation_cache():
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
-    reused = [int(x) for x in __import__("re").findall(r"(\d+) reused from the cache", r.stderr)]
+    reused = [int(x) for x in __import__("re").findall(r"(\d+) of \d+ prompt tokens from the cache", r.stderr)]
     assert len(reused) == 2 and reused[0] == 0 and reused[1] >= 32
