@@ -8,7 +8,8 @@
 * accuracy: Persuasion (1818) scored in windows of --ctx tokens, each format against float32 in
   the same run (the same windows; the float32 logits computed once per window).
 * capacity: sequences of --seq-len tokens that fit a fixed KV budget per format: the planner's
-  answer, and the engine's (peak running requests while serving more than fit).
+  answer, the engine's pool (blocks // blocks per sequence) and, unless --no-serve, the peak of
+  running requests while the engine serves more than fit.
 * throughput: --seqs sequences decoding at --context tokens of context, tokens/s per format
   (median of --repeats runs of --steps steps); runs of the formats alternate.
 """
@@ -88,12 +89,12 @@ def capacity(args: argparse.Namespace) -> None:
         blocks_per_seq = -(-args.seq_len // 16)
         planned = engine.pool.num_blocks // blocks_per_seq
         params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-        for i in range(planned + 4):
+        peak = None  # --no-serve: the pool's size alone (the engine admits no more than planned)
+        for i in range(0 if args.no_serve else planned + 4):
             engine.add_request(None, [t + i for t in prompt], params)
-        peak = 0
         while engine.has_unfinished_requests():
             engine.step()
-            peak = max(peak, engine.stats()["num_requests_running"])
+            peak = max(peak or 0, engine.stats()["num_requests_running"])
         print(json.dumps({"bench": "capacity", "kv_cache_dtype": name, "budget_bytes": budget,
                           "seq_len": args.seq_len, "bytes_per_seq_planner": per_seq,
                           "seqs_planner_tokens": budget // per_seq, "num_blocks": engine.pool.num_blocks,
@@ -153,6 +154,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kv-gib", type=float, default=0.5)
     parser.add_argument("--dtype", default="float32", help="the model's dtype (throughput)")
+    parser.add_argument("--no-serve", action="store_true", help="capacity: size the pools, serve nothing")
     parser.add_argument("--formats", default=",".join(FORMATS))
     args = parser.parse_args()
     print(f"# {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
