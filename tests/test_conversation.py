@@ -24,7 +24,7 @@ def test_fit_drops_the_oldest_turns_and_keeps_the_system_message():
 
 def test_a_message_too_long_alone_is_refused():
     c = Conversation(None, [{"role": "user", "content": "x " * 50}])
-    with pytest.raises(ValueError, match="Send a shorter one"):
+    with pytest.raises(ValueError, match="send a shorter one"):
         c.fit(words, 10)
 
 

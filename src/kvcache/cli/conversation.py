@@ -31,9 +31,9 @@ class Conversation:
         dropped = 0
         while num_tokens(self.all_messages()) > limit:
             if len(self.messages) <= 1:
-                raise ValueError(f"This message alone is {num_tokens(self.all_messages()):,} tokens with the "
-                                 f"system message and the reply's room; the context holds {limit:,}. "
-                                 "Send a shorter one.")
+                raise ValueError(f"This message needs {num_tokens(self.all_messages()):,} tokens (with the "
+                                 f"template and the system message) but only {limit:,} fit beside the reply's "
+                                 "room; send a shorter one.")
             del self.messages[:2 if len(self.messages) > 2 and self.messages[1]["role"] == "assistant" else 1]
             dropped += 1
         return dropped
