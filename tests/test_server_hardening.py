@@ -400,3 +400,43 @@ def test_engine_loop_survives_a_failed_step_and_reports_a_stuck_loop(smollm_engi
     finally:
         loop.stop()
     assert "stopped" in loop.health()
+
+
+# --- found by a second, hostile review ----------------------------------------------------------------
+
+def test_n_samples_are_counted_against_the_pool(server):
+    r = post(server, "/v1/completions", {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000,
+                                         "n": 16, "ignore_eos": True})
+    assert r.status_code == 400 and "16 samples" in r.json()["error"]["message"]
+    r = post(server, "/v1/chat/completions", {"model": MODEL, "n": 16, "messages": [{"role": "user", "content": "Hi"}]},
+             timeout=300)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 16  # the default max_tokens shrank to fit
+    wait_idle(server)
+
+
+@pytest.mark.parametrize("raw,param", [
+    ('{"model": "%s", "prompt": "hi", "seed": 1%s}' % (MODEL, "0" * 5000), None),
+    ('{"model": "%s", "prompt": "hi", "junk": 1%s}' % (MODEL, "0" * 5000), None),
+    ('{"model": "%s", "prompt": "hi", "n": true}' % MODEL, "n"),
+    ('{"model": "%s", "prompt": [true, false]}' % MODEL, "prompt"),
+    ('{"model": "%s", "prompt": "hi", "top_k": 0}' % MODEL, "top_k"),
+])
+def test_numbers_and_coercions_are_400s_naming_the_field(server, raw, param):
+    r = post(server, "/v1/completions", raw)
+    assert r.status_code == 400 and is_error_object(r), r.text
+    if param:
+        assert (r.json()["error"]["param"] or "").startswith(param), r.text
+
+
+def test_head_health_and_a_lowercase_bearer(server):
+    assert httpx.head(f"{server.url}/health").status_code == 200
+    assert httpx.get(f"{server.url}/v1/models", headers={"authorization": f"bearer {KEY}"}).status_code == 200
+
+
+def test_streamed_requests_count_in_time_per_output_token(server):
+    before = metric(server, "kvcache_time_per_output_token_seconds_count")
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 5, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
+        assert r.read().decode().rstrip().endswith("data: [DONE]")
+    assert metric(server, "kvcache_time_per_output_token_seconds_count") == before + 1
+    assert "Traceback" not in server.log()

@@ -26,8 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", help="the model id clients send (default: the model file's name)")
     p.add_argument("--max-body-bytes", type=int, default=Limits.max_body_bytes,
                    help=f"largest request body accepted (default: {Limits.max_body_bytes})")
-    p.add_argument("--max-prompt-chars", type=int, default=Limits.max_prompt_chars,
-                   help=f"longest prompt (or sum of chat messages) in characters (default: {Limits.max_prompt_chars})")
+    p.add_argument("--max-prompt-chars", type=int,
+                   help="longest prompt (or sum of chat messages) in characters (default: 32 per token of "
+                        "the context)")
     p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT, metavar="SECONDS",
                    help=f"close connections whose request headers take longer (default: {HEADER_TIMEOUT:.0f})")
     p.add_argument("--metrics-open", action="store_true",

@@ -154,7 +154,7 @@ class LLMEngine:
             raise ValueError(f"stop_token_ids must lie in [0, {self.model_config.vocab_size}).")
         first = Request(f"{request_id}#0", ids, params, prompt if isinstance(prompt, str) else None,
                         eos_token_ids=self.tokenizer.eos_token_ids)
-        self.scheduler.check_fits(first)
+        self.scheduler.check_fits(first, params.n)
         generator = make_generator(params.sample_seed(0), self.device)
         self.scheduler.add(first)
         self._groups[request_id] = _Group(request_id, params, [first], [""],
@@ -162,11 +162,14 @@ class LLMEngine:
         self._register(first, generator)
         return request_id
 
-    def max_new_tokens(self, num_prompt_tokens: int) -> int:
-        """The most tokens a request with this prompt may generate: what the context and an empty
-        pool can both hold (0 if even the prompt plus one token cannot fit)."""
-        capacity = min(self.max_model_len, self.pool.num_blocks * self.cache_config.block_size)
-        return max(0, capacity - num_prompt_tokens)
+    def max_new_tokens(self, num_prompt_tokens: int, num_samples: int = 1) -> int:
+        """The most tokens each of ``num_samples`` samples of this prompt may generate: what the
+        context and an empty pool can both hold, the prompt's full blocks shared (0 if even one
+        more token cannot fit)."""
+        bs = self.cache_config.block_size
+        shared = num_prompt_tokens // bs
+        blocks_each = shared + (self.pool.num_blocks - shared) // num_samples
+        return max(0, min(self.max_model_len, blocks_each * bs) - num_prompt_tokens)
 
     def _register(self, request: Request, generator: torch.Generator) -> None:
         self._requests[request.request_id] = request
@@ -302,6 +305,7 @@ class LLMEngine:
             "peak_kv_bytes": sum(r.peak_blocks for r in group.samples) * self.block_bytes,
             "num_cached_prompt_tokens": first.num_cached_prompt_tokens,
             "num_output_tokens": sum(r.num_tokens - r.num_prompt_tokens for r in group.samples),
+            "num_output_tokens_longest": max(r.num_tokens - r.num_prompt_tokens for r in group.samples),
         }
         if finished:
             self._groups.pop(group.request_id, None)

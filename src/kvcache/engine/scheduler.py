@@ -32,16 +32,21 @@ class Scheduler:
 
     # --- admission --------------------------------------------------------------------------
 
-    def check_fits(self, request: Request) -> None:
-        """Reject a request that could not run even alone in an empty pool (no livelock)."""
+    def check_fits(self, request: Request, num_samples: int = 1) -> None:
+        """Reject a request that could not run even alone in an empty pool (no livelock): its
+        ``num_samples`` samples share the prompt's full blocks and need their own for the rest."""
         if request.num_prompt_tokens >= self.max_model_len:
             raise ValueError(f"The prompt has {request.num_prompt_tokens} tokens; this model's context is "
                              f"{self.max_model_len} tokens, which must also hold at least one new token.")
         worst = min(request.max_total_tokens, self.max_model_len)
-        need, have = self.kv.blocks_for(worst), self.kv.pool.num_blocks
+        shared = request.num_prompt_tokens // self.kv.block_size
+        need = shared + num_samples * (self.kv.blocks_for(worst) - shared)
+        have = self.kv.pool.num_blocks
         if need > have:
-            raise ValueError(f"This request needs up to {need} KV blocks ({worst} tokens) but the whole "
-                             f"cache has {have}; shorten it or give the engine more KV memory.")
+            samples = f"{num_samples} samples of " if num_samples > 1 else ""
+            raise ValueError(f"This request needs up to {need} KV blocks ({samples}{worst} tokens) but the whole "
+                             f"cache has {have}; shorten it, ask for fewer tokens or samples, or give the "
+                             "engine more KV memory.")
 
     def add(self, request: Request) -> None:
         self.check_fits(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -18,7 +19,7 @@ from starlette.requests import ClientDisconnect
 
 from kvcache.config import SamplingParams
 from kvcache.engine.engine import RequestOutput
-from kvcache.server.auth import RequireKey
+from kvcache.server.middleware import CatchAll, RequireKey
 from kvcache.server.engine_loop import EngineLoop
 from kvcache.server.metrics import Metrics
 from kvcache.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_body
@@ -46,7 +47,9 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
     started = int(time.time())
     # Tokenizing and chat templates run here, never on the event loop, so a huge prompt cannot
     # hold up /health or other clients.
-    text_work = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvcache-text")
+    text_work = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvcache-text")
+    if limits.max_prompt_chars is None:  # what the context could hold at a generous 32 characters a token
+        limits = replace(limits, max_prompt_chars=32 * engine.max_model_len)
     open_paths = OPEN_PATHS + (("/metrics",) if metrics_open else ())
 
     @asynccontextmanager
@@ -66,18 +69,9 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         return JSONResponse(APIError(err.status_code, str(err.detail)).body(), status_code=err.status_code)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, err: Exception) -> JSONResponse:
-        if isinstance(err, (RecursionError, UnicodeError)):
-            body = APIError(400, "The request could not be read as text (bad encoding or nesting).").body()
-            return JSONResponse(body, status_code=400)
-        log.error("unexpected %s on %s %s", type(err).__name__, request.method, request.url.path,
-                  exc_info=err)
-        body = APIError(500, "The server failed on this request; it has been logged.", type_="server_error").body()
-        return JSONResponse(body, status_code=500)
-
     if api_key:
         app.add_middleware(RequireKey, api_key=api_key, open_paths=open_paths)
+    app.add_middleware(CatchAll)  # added last: the outermost of the two
 
     async def read_body(request: Request) -> bytes:
         limit = limits.max_body_bytes
@@ -106,11 +100,11 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
             raise APIError(404, f"The model '{name}' does not exist; this server serves '{model_name}'.",
                            "model", "model_not_found")
 
-    def choose_max_tokens(prompt_len: int, wanted: int | None, default: int | None = None,
+    def choose_max_tokens(prompt_len: int, n: int, wanted: int | None, default: int | None = None,
                           param: str = "prompt") -> int:
         """``wanted`` or, when the client gave none, ``default`` capped by what the context and the
-        pool can serve (all of it when there is no default)."""
-        room = engine.max_new_tokens(prompt_len)
+        pool can serve to ``n`` samples (all of it when there is no default)."""
+        room = engine.max_new_tokens(prompt_len, n)
         if room < 1:
             raise APIError(400, f"The prompt has {prompt_len} tokens, which leaves no room for a completion: "
                                 f"this server's context length is {engine.max_model_len} tokens and its KV "
@@ -133,8 +127,10 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
                                   top_k=req.top_k, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos,
                                   logprobs=logprobs, cache_salt=req.cache_salt,
                                   output_kind="delta" if req.stream else "final")
-        except ValueError as err:
-            raise APIError(400, str(err)) from None
+        except ValueError as err:  # SamplingParams' messages start with the field's name
+            field_name = str(err).split(" ", 1)[0]
+            raise APIError(400, str(err), field_name if field_name in SamplingParams.__dataclass_fields__
+                           else None) from None
 
     async def submit(request_id: str, ids: list[int], params: SamplingParams):
         try:
@@ -178,7 +174,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
 
     # --- routes ----------------------------------------------------------------------------------
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         problem = loop.health()
         if problem:
@@ -221,7 +217,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
         ids = await off_loop(tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise APIError(400, "The prompt is empty.", "prompt")
-        params = sampling(req, choose_max_tokens(len(ids), req.max_tokens, default=16), req.logprobs, len(ids))
+        params = sampling(req, choose_max_tokens(len(ids), req.n, req.max_tokens, default=16), req.logprobs, len(ids))
         request_id = f"cmpl-{uuid.uuid4().hex}"
         outputs = await submit(request_id, ids, params)
         if req.stream:
@@ -229,9 +225,12 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
             return StreamingResponse(event_stream(outputs, request_id, "text_completion", include_usage,
                                                   completion_choices(req.logprobs)), media_type="text/event-stream")
         out = await final_output(outputs, request, request_id)
-        choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
-                    "logprobs": completion_logprobs(tokenizer, c.logprobs) if req.logprobs is not None else None}
-                   for c in out.outputs]
+
+        def choices_of(out: RequestOutput) -> list[dict]:  # decodes every logprob token: off the loop
+            return [{"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+                     "logprobs": completion_logprobs(tokenizer, c.logprobs) if req.logprobs is not None else None}
+                    for c in out.outputs]
+        choices = await off_loop(choices_of, out)
         return base("text_completion", request_id, model_name) | {"choices": choices, "usage": usage(out)}
 
     async def event_stream(outputs: asyncio.Queue, request_id: str, kind: str, include_usage: bool,
@@ -300,7 +299,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         limits.check(req, sum(len(m["content"]) for m in messages))
         ids = await off_loop(render_chat, messages)
-        max_tokens = choose_max_tokens(len(ids), req.max_completion_tokens or req.max_tokens, param="messages")
+        max_tokens = choose_max_tokens(len(ids), req.n, req.max_completion_tokens or req.max_tokens,
+                                       param="messages")
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = sampling(req, max_tokens, top, len(ids))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -310,9 +310,12 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
             return StreamingResponse(event_stream(outputs, request_id, "chat.completion.chunk", include_usage,
                                                   chat_choices(top is not None)), media_type="text/event-stream")
         out = await final_output(outputs, request, request_id)
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(tokenizer, c.logprobs) if top is not None else None,
-                    "finish_reason": c.finish_reason} for c in out.outputs]
+
+        def choices_of(out: RequestOutput) -> list[dict]:  # decodes every logprob token: off the loop
+            return [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                     "logprobs": chat_logprobs(tokenizer, c.logprobs) if top is not None else None,
+                     "finish_reason": c.finish_reason} for c in out.outputs]
+        choices = await off_loop(choices_of, out)
         return base("chat.completion", request_id, model_name) | {"choices": choices, "usage": usage(out)}
 
     return app

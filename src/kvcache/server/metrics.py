@@ -57,7 +57,7 @@ class Metrics:
         if m.get("first_token_time") is None:
             return
         self.ttft.observe(m["first_token_time"] - m["arrival_time"])
-        tokens = max(len(c.token_ids) for c in out.outputs)
+        tokens = m["num_output_tokens_longest"]  # outputs may be deltas: count from the engine's figures
         if tokens > 1 and m.get("finish_time"):
             self.tpot.observe((m["finish_time"] - m["first_token_time"]) / (tokens - 1))
 

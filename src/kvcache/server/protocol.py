@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -19,7 +18,7 @@ class Limits:
     is bounded as well as the count and length of each."""
 
     max_body_bytes: int = 4 << 20
-    max_prompt_chars: int = 1 << 20
+    max_prompt_chars: int | None = None  # None: 32 characters for every token of the context
     max_messages: int = 1024
     max_stop: int = 16
     max_stop_chars: int = 256
@@ -27,7 +26,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if not isinstance(value, int) or value < 1:
+            if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"The server limit {name} must be a positive integer, got {value!r}.")
 
     def check(self, req: "_Common", prompt_chars: int) -> None:
@@ -61,7 +60,8 @@ class StreamOptions(BaseModel):
 
 
 class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # strict: no silent coercions (true is not n = 1, "5" is not 5); floats still take integers
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     model: str
     n: int = Field(1, ge=1, le=MAX_N)
@@ -97,7 +97,7 @@ class ContentPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[ContentPart], None] = None
@@ -119,37 +119,24 @@ class ChatCompletionRequest(_Common):
 
 
 def parse_body(raw: bytes, schema: type[BaseModel]) -> Any:
-    """Bytes -> a validated request, or an APIError that says what is wrong."""
+    """Bytes -> a validated request, or an APIError that says what is wrong.
+
+    pydantic parses the JSON itself (in Rust, without building Python objects for fields it
+    ignores), so a large or deeply nested body costs little; lone surrogates, nesting past its
+    recursion limit and numbers too long to convert are JSON errors there, hence 400s."""
     try:
-        text = raw.decode("utf-8")
+        raw.decode("utf-8")
     except UnicodeDecodeError:
         raise APIError(400, "The request body is not valid UTF-8.") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise APIError(400, f"The request body is not valid JSON: {err.msg} at position {err.pos}.") from None
-    except RecursionError:
-        raise APIError(400, "The request body is nested too deeply.") from None
-    if not isinstance(data, dict):
-        raise APIError(400, "The request body must be a JSON object.")
-    _require_unicode(data)
-    try:
-        return schema.model_validate(data)
-    except RecursionError:
-        raise APIError(400, "The request body is nested too deeply.") from None
+        return schema.model_validate_json(raw)
     except ValidationError as err:
         first = err.errors()[0]
+        if first["type"] == "json_invalid":
+            raise APIError(400, f"The request body is not valid JSON: {first['msg'].removeprefix('Invalid JSON: ')}."
+                           ) from None
+        if first["type"] == "model_type" and not first["loc"]:
+            raise APIError(400, "The request body must be a JSON object.") from None
         param = ".".join(str(p) for p in first["loc"]) or None
         raise APIError(400, f"Invalid value for '{param}': {first['msg']}." if param else first["msg"],
                        param) from None
-
-
-def _require_unicode(data: Any) -> None:
-    """Refuse strings that JSON can carry but text cannot: lone UTF-16 surrogates ("\\ud800")."""
-    try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise APIError(400, "The request holds a lone Unicode surrogate (such as \\ud800), which is not "
-                            "valid text; send well-formed UTF-16 pairs or the characters themselves.") from None
-    except RecursionError:
-        raise APIError(400, "The request body is nested too deeply.") from None
