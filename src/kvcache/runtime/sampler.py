@@ -35,6 +35,16 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     return logits
 
 
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled (non-greedy) request draws from: temperature, top-k, top-p.
+    logits [..., V] -> probs [..., V] float32, rows summing to 1."""
+    # shifted so the largest is 0: no overflow for any temperature the params accept
+    scaled = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
+    if scaled.dim() == 1:
+        return torch.softmax(_filter(scaled, params.top_k, params.top_p), dim=-1)
+    return torch.stack([torch.softmax(_filter(row, params.top_k, params.top_p), dim=-1) for row in scaled])
+
+
 def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
            generators: Sequence[torch.Generator]) -> list[int]:
     """logits [N, V] float32 -> one token id per row, each with its own params and generator."""
@@ -44,10 +54,7 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
         if p.greedy:
             tokens.append(greedy[row])
             continue
-        # shifted so the largest is 0: no overflow for any temperature the params accept
-        scaled = (logits[row] - logits[row].max()) / p.temperature
-        probs = torch.softmax(_filter(scaled, p.top_k, p.top_p), dim=-1)
-        tokens.append(int(torch.multinomial(probs, 1, generator=gen)))
+        tokens.append(int(torch.multinomial(probabilities(logits[row], p), 1, generator=gen)))
     return tokens
 
 
