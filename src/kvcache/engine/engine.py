@@ -74,7 +74,8 @@ def build_model(loaded: LoadedModel, dtype: str, device: torch.device) -> LlamaF
     torch_dtype = getattr(torch, parse_model_dtype(dtype))
     with torch.device("meta"):
         model = LlamaForCausalLM(loaded.config)
-    model.to_empty(device=device)
+    # Module.to_empty's empty_like on meta tensors imports torch.fx (~1 s); torch.empty does not
+    model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model.rope.reset_tables()
     model.load_hf_weights(loaded.weights)
     return model.to(dtype=torch_dtype).eval()
