@@ -4,7 +4,7 @@
 
 A real server process on 127.0.0.1 (with an API key) takes, for --minutes, requests from --clients
 workers, each picking at random: a good completion, a good streamed chat, a hostile-but-legal or
-malformed request (the adversarial probe's findings and more), or a request it abandons (a
+malformed request (the adversarial probe's findings, those of a second hostile review, and more), or a request it abandons (a
 non-streaming one given up after 0.3-2 s, or a stream dropped after a few chunks). A prober hits
 /health every 100 ms throughout. Reported (targets of the server-hardening issue):
   - errors seen by good requests (target 0): any non-200, error event, missing [DONE] or exception;
@@ -61,6 +61,9 @@ MALFORMED = [
     json.dumps({"model": MODEL, "prompt": "hi", "temperature": "hot"}),
     json.dumps({"model": MODEL, "prompt": "hi " * 9000}),
     "{not json",
+    '{"model": "%s", "prompt": "hi", "seed": 1%s}' % (MODEL, "0" * 5000),
+    json.dumps({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 1000, "n": 16, "ignore_eos": True}),
+    json.dumps({"model": MODEL, "prompt": [True, False], "n": True}),
 ]
 CHAT_MALFORMED = ['{"model": "%s", "messages": [{"role": "user", "content": "\\udfff"}]}' % MODEL,
                   json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "a"}] * 2000})]
