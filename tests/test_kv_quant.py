@@ -95,7 +95,7 @@ def test_token_by_token_writes_stay_within_the_block_bound(kv_format, kind):
         torch.testing.assert_close(keys, k, atol=0, rtol=2 ** -7)
         return
     # keys: per channel over each block. A block re-encoded as it grows re-rounds its earlier tokens
-    # each time a channel's scale grows (measured: up to 3.5x the one-shot bound, +15-18% mean error).
+    # each time a channel's scale grows (measured: up to 3.5x the one-shot bound, +12-18% mean error).
     for b in range(3):
         part = slice(16 * b, min(40, 16 * b + 16))
         bound = 4 * _bound(kv_format, k[:, part], 1)
