@@ -106,6 +106,10 @@ class KVCacheManager:
             seq.num_computed_tokens += len(cached) * self.block_size
         if self._needs_copy_on_write(seq, seq.num_computed_tokens, num_new_tokens):
             self._copy_last_block(seq)
+        elif num_new_tokens and seq.num_computed_tokens % self.block_size:
+            # writing into a block this sequence alone holds: if it was full once (a rollback
+            # made it partial), its hash no longer describes what it will hold
+            self.pool.unregister(seq.block_ids[seq.num_computed_tokens // self.block_size])
         end = seq.num_computed_tokens + num_new_tokens
         missing = self.blocks_for(end) - len(seq.block_ids)
         if missing > 0:
@@ -174,14 +178,11 @@ class KVCacheManager:
         """Keep KV for the first ``num_tokens`` tokens only (rollback); frees whole blocks past them.
 
         Dropped whole blocks keep their prefix hashes (their contents still match them). A kept
-        block that becomes partial will be written again in place, so it leaves the prefix cache
-        unless another request shares it (then the next write copies it first).
+        block that becomes partial keeps its hash until it is written again (see allocate_slots).
         """
         keep = self.blocks_for(num_tokens)
         dropped = seq.block_ids[keep:]
         self.pool.release(reversed(dropped))
         del seq.block_ids[keep:]
         del seq.block_hashes[num_tokens // self.block_size:]
-        if num_tokens % self.block_size and self.pool.ref_count(seq.block_ids[-1]) == 1:
-            self.pool.unregister(seq.block_ids[-1])
         seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
