@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from importlib import resources
 from typing import Any, AsyncIterator, Callable, Iterator
 
@@ -19,9 +19,9 @@ from starlette.requests import ClientDisconnect
 
 from kvcache.config import SamplingParams
 from kvcache.engine.engine import RequestOutput
-from kvcache.server.middleware import CatchAll, RequireKey
 from kvcache.server.engine_loop import EngineLoop
 from kvcache.server.metrics import Metrics
+from kvcache.server.middleware import CatchAll, RequireKey
 from kvcache.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, Limits, parse_body
 from kvcache.server.responses import (StreamState, base, chat_logprobs, completion_logprobs, sse, stream_deltas,
                                       usage)
