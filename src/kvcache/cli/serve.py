@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 from kvcache.cli.options import add_model_options, engine_kwargs
-from kvcache.server.http_protocol import HEADER_TIMEOUT
-from kvcache.server.protocol import Limits
+from kvcache.server.limits import HEADER_TIMEOUT, Limits
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

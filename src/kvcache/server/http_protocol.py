@@ -13,7 +13,7 @@ import asyncio
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-HEADER_TIMEOUT = 10.0
+from kvcache.server.limits import HEADER_TIMEOUT
 
 
 class HeaderDeadlineProtocol(H11Protocol):

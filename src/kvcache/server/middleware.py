@@ -15,7 +15,7 @@ from typing import Iterable
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from kvcache.server.protocol import APIError
+from kvcache.server.errors import APIError
 
 
 class RequireKey:
