@@ -181,6 +181,34 @@ class SchedulerConfig:
                  f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}.")
 
 
+SPECULATIVE_METHODS = ("ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding for one engine: who drafts (``ngram`` prompt lookup, or a ``draft`` model
+    with the target's vocabulary) and how many tokens per step it may draft (k >= 1)."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    draft_model: str | None = None
+    ngram_max: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens
+    ngram_min: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.method in SPECULATIVE_METHODS,
+                 f"speculative must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}.")
+        k = self.num_speculative_tokens
+        _require(_is_int(k) and k >= 1, f"num_speculative_tokens must be an integer of at least 1, got {k!r}.")
+        _require(k <= 64, f"num_speculative_tokens must be at most 64, got {k}.")
+        _require(self.method != "draft" or bool(self.draft_model),
+                 "speculative='draft' needs a draft model (draft_model / --draft-model PATH).")
+        _require(self.method == "draft" or self.draft_model is None,
+                 "A draft model is only used with speculative='draft'.")
+        _require(_is_int(self.ngram_min) and _is_int(self.ngram_max) and 1 <= self.ngram_min <= self.ngram_max,
+                 f"The n-gram sizes must satisfy 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}.")
+
+
 def parse_model_dtype(dtype: str) -> str:
     """Return the canonical model dtype name, or raise a clear ValueError."""
     aliases = {"float32": "float32", "fp32": "float32", "f32": "float32",
