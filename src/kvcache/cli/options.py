@@ -47,7 +47,8 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH",
-                        help="a GGUF file or a Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
+                        help="a GGUF file, a Hugging Face model folder, or gemma3 (the packaged Gemma-3-270M) "
+                             "(default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--dtype", default="float32",
                         help="the weights' and activations' format: fp32 (float32) or bf16 (bfloat16) "
                              "(default: float32)")

@@ -22,7 +22,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "for explicit factors, a model file, or a preset.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", help=f"a well-known model: {', '.join(PRESETS)}")
-    src.add_argument("--model", metavar="PATH", help="a GGUF file or a model folder with config.json")
+    src.add_argument("--model", metavar="PATH", help="a GGUF file, a model folder with config.json, or gemma3")
     p.add_argument("--layers", type=model_factor, help="explicit factors: transformer layers")
     p.add_argument("--kv-heads", type=model_factor,
                    help="explicit factors: key/value heads per layer (GQA: fewer than query heads)")
