@@ -27,14 +27,15 @@ from kvcache.sizing import block_bytes, kv_bytes, preset
 MAX_CONTEXT = 8192
 
 
-def simulate_paged(items, num_blocks: int, block_size: int) -> dict:
+def simulate_paged(items, num_blocks: int, block_size: int, windows: tuple = (None,)) -> dict:
+    """Step the real scheduler over ``items``; ``windows`` are the cache groups' sliding windows."""
     pool = BlockPool(num_blocks, enable_prefix_caching=False)
-    kv = KVCacheManager(pool, block_size)
+    kv = KVCacheManager(pool, block_size, windows)
     sched = Scheduler(SchedulerConfig(max_num_seqs=1024, max_num_batched_tokens=8192,
                                       long_prefill_token_threshold=8192), kv, MAX_CONTEXT)
     for i, item in enumerate(items):
         sched.add(Request(str(i), [1] * item.prompt_len, SamplingParams(max_tokens=item.output_len)))
-    running, saturated, waste, steps, finished = [], [], [], 0, 0
+    running, saturated, waste, held, steps, finished = [], [], [], [], 0, 0
     while sched.has_unfinished:
         sched.schedule()
         for r in sched.step_done():
@@ -42,9 +43,10 @@ def simulate_paged(items, num_blocks: int, block_size: int) -> dict:
             if len(r.output_token_ids) >= r.params.max_tokens:
                 sched.finish(r, "length")
                 finished += 1
-        slots = sum(len(r.block_ids) for r in sched.running) * block_size
+        slots = sum(kv.num_blocks_held(r) for r in sched.running) * block_size
         used = sum(r.num_computed_tokens for r in sched.running)
         running.append(len(sched.running))
+        held.append(pool.num_used)
         if sched.waiting:  # the cache, not the workload, limits concurrency
             saturated.append(len(sched.running))
         if slots:
@@ -52,7 +54,8 @@ def simulate_paged(items, num_blocks: int, block_size: int) -> dict:
         steps += 1
     return {"peak_concurrent": max(running), "mean_concurrent": statistics.mean(saturated),
             "mean_waste": statistics.mean(waste), "p99_waste": sorted(waste)[int(0.99 * len(waste))],
-            "preemptions": sched.num_preemptions, "steps": steps, "finished": finished}
+            "preemptions": sched.num_preemptions, "steps": steps, "finished": finished,
+            "peak_blocks_used": max(held)}
 
 
 def simulate_reservation(items, budget_tokens: int) -> dict:

@@ -65,7 +65,7 @@ def test_fast_path_matches_reference(query_lens, seq_lens, heads, kv_heads, wind
     fast = paged_attention(q, k, v, fast_cache.layers[0], meta, 0.35)
     slow = reference_attention(q, k, v, slow_cache.layers[0], meta, 0.35)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(fast_cache.storages[0].buffer, slow_cache.storages[0].buffer)  # same writes
+    torch.testing.assert_close(fast_cache.pages.buffer, slow_cache.pages.buffer)  # same writes
 
 
 @pytest.mark.parametrize("kv_format", FORMATS)
@@ -79,7 +79,7 @@ def test_every_format_matches_the_reference_over_the_decoded_cache(kv_format, qu
     fast = paged_attention(q, k, v, fast_cache.layers[0], meta, 0.125)
     slow = reference_attention(q, k, v, slow_cache.layers[0], meta, 0.125)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
-    assert torch.equal(fast_cache.storages[0].buffer, slow_cache.storages[0].buffer)
+    assert torch.equal(fast_cache.pages.buffer, slow_cache.pages.buffer)
 
 
 @pytest.mark.parametrize("query_lens,seq_lens", [([1], [9]), ([1, 1, 1], [3, 17, 8]), ([1, 5], [30, 9])])
@@ -104,9 +104,9 @@ def test_decode_groups_bound_padding():
 def test_write_goes_only_to_mapped_slots():
     q, k, v, make_cache, meta = _case([3], [3], 2, 2)
     cache = make_cache()
-    before = cache.storages[0].regions["k"][0].clone()
+    before = cache.pages.regions["k"][0].clone()
     paged_attention(q, k, v, cache.layers[0], meta, 1.0)
-    after = cache.storages[0].regions["k"][0]
+    after = cache.pages.regions["k"][0]
     flat_before, flat_after = before.flatten(1, 2), after.flatten(1, 2)  # [kv_heads, slots, hd]
     changed = (flat_before != flat_after).any(-1).any(0).nonzero().flatten().tolist()
     assert sorted(changed) == sorted(meta.slot_mapping.tolist())

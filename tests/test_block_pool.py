@@ -5,7 +5,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvcache.cache.block_pool import BlockPool
-from kvcache.cache.kv_manager import KVCacheManager
+from kvcache.cache.kv_manager import NULL_BLOCK, KVCacheManager
 from kvcache.engine.request import Request
 from kvcache.config import SamplingParams
 
@@ -27,15 +27,16 @@ def test_prefix_hit_shares_blocks_and_lru_eviction():
     kv = KVCacheManager(pool, 4)
     a = _req("a", range(10))
     assert kv.allocate_slots(a, 10)
+    a_blocks = list(a.block_ids)
     kv.free(a)  # full blocks keep their hashes while free
     b = _req("b", list(range(10)) + [99])
-    hits = kv.find_cached_prefix(b)
-    assert hits == a.block_ids or len(hits) == 2
-    assert kv.allocate_slots(b, 11 - 8, hits)
-    assert b.num_computed_tokens == 8 and b.block_ids[:2] == hits
+    hit = kv.find_cached_prefix(b)
+    assert hit.num_blocks == 2 and hit.tables == (tuple(a_blocks[:2]),)
+    assert kv.allocate_slots(b, 11 - 8, hit)
+    assert b.num_computed_tokens == 8 and b.block_ids[:2] == a_blocks[:2]
     # another tenant never sees them
     c = _req("c", list(range(10)) + [99], salt="tenant-2")
-    assert kv.find_cached_prefix(c) == []
+    assert kv.find_cached_prefix(c).num_blocks == 0
 
 
 def test_fork_shares_and_copies_the_partial_block_on_write():
@@ -61,12 +62,15 @@ class PoolMachine(RuleBasedStateMachine):
     token into the slot its table gives, so the machine can check that every hash the pool offers
     still describes the tokens its block holds."""
 
+    windows: tuple = (None,)
+
     def __init__(self):
         super().__init__()
         self.block_size = 4
         self.pool = BlockPool(24)
-        self.kv = KVCacheManager(self.pool, self.block_size)
+        self.kv = KVCacheManager(self.pool, self.block_size, self.windows)
         self.live: list[Request] = []
+        self.step_start: dict[str, int] = {}  # request -> first position its last allocation computed
         self.n = 0
         self.contents: dict[int, list[int | None]] = {b: [None] * self.block_size for b in range(24)}
         self.tokens_of_hash: dict = {}
@@ -75,16 +79,18 @@ class PoolMachine(RuleBasedStateMachine):
         """Run the step's block copies, then write tokens [start, end) of ``r`` into its slots."""
         for src, dst in self.kv.take_pending_copies():
             self.contents[dst] = list(self.contents[src])
-        for pos in range(start, end):
-            self.contents[r.block_ids[pos // self.block_size]][pos % self.block_size] = r.all_token_ids[pos]
+        for table in r.block_tables:
+            for pos in range(start, end):
+                self.contents[table[pos // self.block_size]][pos % self.block_size] = r.all_token_ids[pos]
+        self.step_start[r.request_id] = start
 
     @rule(prompt=st.lists(st.integers(0, 5), min_size=1, max_size=30), salt=st.sampled_from([None, "x"]))
     def add(self, prompt, salt):
         r = _req(f"r{self.n}", prompt, salt)
         self.n += 1
-        hits = self.kv.find_cached_prefix(r)
-        if self.kv.allocate_slots(r, len(prompt) - len(hits) * self.block_size, hits):
-            self._write(r, len(hits) * self.block_size, len(prompt))
+        hit = self.kv.find_cached_prefix(r)
+        if self.kv.allocate_slots(r, len(prompt) - hit.num_blocks * self.block_size, hit):
+            self._write(r, hit.num_blocks * self.block_size, len(prompt))
             r.num_computed_tokens = len(prompt)
             self.live.append(r)
 
@@ -107,6 +113,7 @@ class PoolMachine(RuleBasedStateMachine):
         child = _req(f"r{self.n}", parent.all_token_ids)
         self.n += 1
         self.kv.fork(parent, child)
+        self.step_start[child.request_id] = self.step_start[parent.request_id]
         self.live.append(child)
 
     @precondition(lambda self: self.live)
@@ -119,8 +126,16 @@ class PoolMachine(RuleBasedStateMachine):
     def rollback(self, i, keep):
         r = self.live[i % len(self.live)]
         keep = min(keep, r.num_computed_tokens)
-        self.kv.truncate(r, keep)
+        before = [list(t) for t in r.block_tables]
+        try:
+            self.kv.truncate(r, keep)
+        except RuntimeError:  # a window already released blocks a query at `keep` would see
+            assert any(NULL_BLOCK in t[self.kv.first_live_block(g, keep):-(-keep // self.block_size)]
+                       for g, t in enumerate(before))
+            assert r.block_tables == before
+            return
         del r.all_token_ids[keep:]
+        self.step_start[r.request_id] = min(self.step_start[r.request_id], keep)
 
     @invariant()
     def every_registered_hash_matches_the_tokens_its_block_holds(self):
@@ -140,7 +155,7 @@ class PoolMachine(RuleBasedStateMachine):
     def reference_counts_match_tables(self):
         held: dict[int, int] = {}
         for r in self.live:
-            for b in r.block_ids:
+            for b in (b for table in r.block_tables for b in table if b != NULL_BLOCK):
                 held[b] = held.get(b, 0) + 1
         for block in self.pool.blocks:
             assert block.ref_count == held.get(block.block_id, 0) >= 0
@@ -149,8 +164,25 @@ class PoolMachine(RuleBasedStateMachine):
     @invariant()
     def tables_are_exactly_as_long_as_tokens_need(self):
         for r in self.live:
-            assert len(r.block_ids) == -(-r.num_computed_tokens // self.block_size)
+            assert [len(t) for t in r.block_tables] == [-(-r.num_computed_tokens // self.block_size)] * len(self.windows)
+
+    @invariant()
+    def placeholders_exactly_where_windows_released_blocks(self):
+        """Before the last step's first position's window: placeholders; from it on: real blocks
+        (so no query ever reads a released block)."""
+        for r in self.live:
+            for g, table in enumerate(r.block_tables):
+                first = self.kv.first_live_block(g, self.step_start[r.request_id])
+                assert all((b == NULL_BLOCK) == (i < first) for i, b in enumerate(table)), (g, table)
+
+
+class WindowedPoolMachine(PoolMachine):
+    """The same machine on a hybrid model: one full-attention group and two 6-token sliding ones."""
+
+    windows = (6, None, 6)
 
 
 TestPoolMachine = PoolMachine.TestCase
 TestPoolMachine.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)
+TestWindowedPoolMachine = WindowedPoolMachine.TestCase
+TestWindowedPoolMachine.settings = settings(max_examples=300, stateful_step_count=40, deadline=None)

@@ -50,9 +50,11 @@ class Session:
 
     def __init__(self, model, block_size=4, num_blocks=64):
         self.model = model
-        self.storage = KVCache(group_layers(layer_specs(model.config, "fp32")), num_blocks, block_size)
+        groups = group_layers(layer_specs(model.config, "fp32"))
+        self.storage = KVCache(groups, num_blocks * len(groups), block_size)
         self.runner = ModelRunner(model, self.storage)
-        self.blocks = tuple(reversed(range(num_blocks)))  # non-contiguous on purpose
+        scrambled = list(reversed(range(num_blocks * len(groups))))  # non-contiguous on purpose
+        self.blocks = tuple(tuple(scrambled[g::len(groups)]) for g in range(len(groups)))
         self.length = 0
 
     def run(self, tokens):

@@ -122,10 +122,18 @@ def test_planned_bytes_equal_allocated_bytes(kv_format, block_size, heads, head_
 def test_groups_split_layers_with_different_specs():
     full, sliding = KVSpec(2, 8, "int8"), KVSpec(2, 8, "int8", window=4)
     groups = group_layers((sliding, sliding, full, sliding, sliding, full))
-    assert [(g.group_id, g.spec, g.layers) for g in groups] == [(0, sliding, (0, 1, 3, 4)), (1, full, (2, 5))]
+    # groups of equal size share one pool of pages: two sliding groups and one full group of 2 layers
+    assert [(g.group_id, g.spec, g.layers) for g in groups] == \
+        [(0, sliding, (0, 1)), (1, sliding, (3, 4)), (2, full, (2, 5))]
     cache = KVCache(groups, 3, 4)
-    assert [c.group_id for c in cache.layers] == [0, 0, 1, 0, 0, 1]
-    assert cache.nbytes == cache.planned_nbytes() == 3 * sum(g.block_bytes(4) for g in groups)
+    assert [(c.group_id, c.local_index) for c in cache.layers] == [(0, 0), (0, 1), (2, 0), (1, 0), (1, 1), (2, 1)]
+    assert cache.nbytes == cache.planned_nbytes() == 3 * groups[0].block_bytes(4)
+    # a count that is not a multiple of the smallest ends in a smaller group; the page keeps its size
+    uneven = group_layers((sliding,) * 5 + (full,) * 2)
+    assert [g.layers for g in uneven] == [(0, 1), (2, 3), (4,), (5, 6)]
+    assert KVCache(uneven, 2, 4).nbytes == 2 * uneven[0].block_bytes(4)
+    with pytest.raises(ValueError, match="only the window may differ"):
+        group_layers((full, KVSpec(2, 8, "int4")))
 
 
 def test_llama_layers_form_one_group(smollm):

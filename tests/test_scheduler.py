@@ -4,18 +4,24 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from kvcache.cache.block_pool import BlockPool
-from kvcache.cache.kv_manager import KVCacheManager
+from kvcache.cache.kv_manager import NULL_BLOCK, KVCacheManager
 from kvcache.config import SamplingParams, SchedulerConfig
 from kvcache.engine.request import Request, RequestStatus
 from kvcache.engine.scheduler import Scheduler
 
 
+def real_blocks(r: Request) -> list[int]:
+    return [b for table in r.block_tables for b in table if b != NULL_BLOCK]
+
+
 class SchedulerMachine(RuleBasedStateMachine):
+    windows: tuple = (None,)
+
     def __init__(self):
         super().__init__()
         self.bs = 4
-        self.pool = BlockPool(12)
-        self.kv = KVCacheManager(self.pool, self.bs)
+        self.pool = BlockPool(12 * len(self.windows))
+        self.kv = KVCacheManager(self.pool, self.bs, self.windows)
         self.mode = "recompute"
         self.sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=16,
                                                long_prefill_token_threshold=6), self.kv, max_model_len=64)
@@ -30,14 +36,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         try:
             self.sched.add(r)
         except ValueError:
-            assert self.kv.blocks_for(len(prompt) + max_tokens) > self.pool.num_blocks
+            assert self.kv.worst_case_blocks(len(prompt), len(prompt) + max_tokens, 1,
+                                             self.sched.config.prefill_chunk) > self.pool.num_blocks
 
     @rule(token=st.integers(0, 3))
     def step(self, token):
         plan = self.sched.schedule()
         assert plan.num_tokens <= 16
         for s in plan.sequences:
-            assert len(s.block_ids) == -(-s.seq_len // self.bs)
+            for g, table in enumerate(s.block_tables):
+                assert len(table) == -(-s.seq_len // self.bs)
+                # every block a query of this step can see is there
+                assert NULL_BLOCK not in table[self.kv.first_live_block(g, s.start_position):]
         for rid, _ in plan.swap_out:
             self.swapped_out.add(rid)
         for rid, _ in plan.swap_in:
@@ -62,7 +72,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert self.pool.num_free + self.pool.num_used == self.pool.num_blocks
         held: dict[int, int] = {}
         for r in self.sched.running:
-            for b in r.block_ids:
+            for b in real_blocks(r):
                 held[b] = held.get(b, 0) + 1
         for block in self.pool.blocks:
             assert block.ref_count == held.get(block.block_id, 0)
@@ -70,14 +80,14 @@ class SchedulerMachine(RuleBasedStateMachine):
     @invariant()
     def ended_and_waiting_hold_nothing(self):
         for r in self.ended + list(self.sched.waiting):
-            assert r.block_ids == []
+            assert real_blocks(r) == []
         for r in self.ended:
             assert r.status is RequestStatus.FINISHED
 
     @invariant()
     def running_tables_cover_their_tokens(self):
         for r in self.sched.running:
-            assert len(r.block_ids) == -(-r.num_computed_tokens // self.bs)
+            assert [len(t) for t in r.block_tables] == [-(-r.num_computed_tokens // self.bs)] * len(self.windows)
 
 
 class SwapSchedulerMachine(SchedulerMachine):
@@ -87,7 +97,21 @@ class SwapSchedulerMachine(SchedulerMachine):
                                             long_prefill_token_threshold=6, preemption_mode="swap")
 
 
+class WindowedSchedulerMachine(SchedulerMachine):
+    """A hybrid model: two 5-token sliding groups around a full one, sharing the pool."""
+
+    windows = (5, None, 5)
+
+
+class WindowedSwapSchedulerMachine(WindowedSchedulerMachine, SwapSchedulerMachine):
+    pass
+
+
 TestScheduler = SchedulerMachine.TestCase
 TestScheduler.settings = settings(max_examples=120, stateful_step_count=50, deadline=None)
 TestSwapScheduler = SwapSchedulerMachine.TestCase
 TestSwapScheduler.settings = settings(max_examples=120, stateful_step_count=50, deadline=None)
+TestWindowedScheduler = WindowedSchedulerMachine.TestCase
+TestWindowedScheduler.settings = settings(max_examples=120, stateful_step_count=50, deadline=None)
+TestWindowedSwapScheduler = WindowedSwapSchedulerMachine.TestCase
+TestWindowedSwapScheduler.settings = settings(max_examples=120, stateful_step_count=50, deadline=None)

@@ -34,6 +34,7 @@ class KVBlock:
     block_id: int
     ref_count: int = 0
     block_hash: BlockHash | None = None
+    group: int = 0  # the cache group whose tokens ``block_hash`` describes
 
 
 class BlockPool:
@@ -46,7 +47,7 @@ class BlockPool:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
-        self._by_hash: dict[BlockHash, KVBlock] = {}
+        self._by_hash: dict[tuple[int, BlockHash], KVBlock] = {}  # (group, chain hash) -> block
 
     @property
     def num_free(self) -> int:
@@ -93,18 +94,22 @@ class BlockPool:
                     self._forget_hash(block)
                 self._free[block_id] = block
 
-    def lookup(self, block_hash: BlockHash) -> int | None:
-        block = self._by_hash.get(block_hash) if self.enable_prefix_caching else None
+    def lookup(self, block_hash: BlockHash, group: int = 0) -> int | None:
+        """The block holding cache group ``group``'s KV for the full block with this chain hash."""
+        block = self._by_hash.get((group, block_hash)) if self.enable_prefix_caching else None
         return None if block is None else block.block_id
 
-    def register(self, block_id: int, block_hash: BlockHash) -> None:
-        """Make a full block findable by its prefix hash (the first block with a hash wins)."""
-        if not self.enable_prefix_caching or block_hash in self._by_hash:
+    def register(self, block_id: int, block_hash: BlockHash, group: int = 0) -> None:
+        """Make a full block of cache group ``group`` findable by its prefix hash (the first wins).
+
+        Groups share the pool but not contents: the same tokens in two groups are two blocks.
+        """
+        if not self.enable_prefix_caching or (group, block_hash) in self._by_hash:
             return
         block = self.blocks[block_id]
         if block.block_hash is None:
-            block.block_hash = block_hash
-            self._by_hash[block_hash] = block
+            block.block_hash, block.group = block_hash, group
+            self._by_hash[(group, block_hash)] = block
 
     def unregister(self, block_id: int) -> None:
         """Make a block unfindable by prefix hash (its tokens are about to change)."""
@@ -119,6 +124,6 @@ class BlockPool:
 
     def _forget_hash(self, block: KVBlock) -> None:
         if block.block_hash is not None:
-            if self._by_hash.get(block.block_hash) is block:
-                del self._by_hash[block.block_hash]
+            if self._by_hash.get((block.group, block.block_hash)) is block:
+                del self._by_hash[(block.group, block.block_hash)]
             block.block_hash = None

@@ -1,21 +1,27 @@
-"""Per-request block tables: allocate, append, free, fork (copy-on-write) and prefix lookup.
+"""Per-request block tables, one per cache group: allocate, append, window-free, free, fork
+(copy-on-write), rollback and prefix lookup.
 
-The request carries its block table (``block_ids``) and the hashes of its full blocks
-(``block_hashes``); this class is the only writer of both. Reference counts and free lists stay
-inside :class:`BlockPool`.
+The request carries its tables (``block_tables[g]`` for cache group g) and the chain hashes of
+its full blocks (``block_hashes``, the same for every group); this class is the only writer of
+both. Reference counts and free lists stay inside :class:`BlockPool`, which every group draws
+from. A group's table covers exactly ceil(num_tokens_with_kv / block_size) entries:
 
-A request's table covers exactly ceil(num_tokens_with_kv / block_size) blocks:
+    tokens:         |t0 .. t15|t16 .. t31|t32 .. t47|t48 t49 . . |
+    full group:     [   b7    ,    b2    ,    b4    ,     b9      ]   <- last block partly filled
+    sliding group:  [  NULL   ,    b5    ,    b1    ,     b3      ]   <- window 24: t0..t15 unseen
+                     released: no future query's window reaches it (vLLM's null block)
 
-    tokens:  |t0 .. t15|t16 .. t31|t32 t33 . . . |
-    table:   [   b7    ,    b2    ,     b9       ]   <- last block partly filled
-              full: hashed, shareable             partial: private, or copied on write
+Full blocks are hashed and shareable; the partial one is private, or copied on write.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Protocol, Sequence
 
 from kvcache.cache.block_pool import BlockHash, BlockPool, hash_block
+
+NULL_BLOCK = -1  # a table entry whose block a sliding window gave back
 
 
 class CachedSequence(Protocol):
@@ -24,21 +30,76 @@ class CachedSequence(Protocol):
     request_id: str
     all_token_ids: list[int]
     num_computed_tokens: int
-    block_ids: list[int]
+    block_tables: list[list[int]]
     block_hashes: list[BlockHash]
     cache_salt: str | None
 
 
+@dataclass(frozen=True)
+class PrefixHit:
+    """The leading ``num_blocks`` full blocks of a sequence found cached, in every group.
+
+    ``tables[g]`` lists group g's blocks for them, NULL_BLOCK where g's window no longer needs one.
+    """
+
+    num_blocks: int
+    tables: tuple[tuple[int, ...], ...]
+
+    @staticmethod
+    def none(num_groups: int) -> "PrefixHit":
+        return PrefixHit(0, ((),) * num_groups)
+
+
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, block_size: int) -> None:
+    def __init__(self, pool: BlockPool, block_size: int, windows: Sequence[int | None] = (None,)) -> None:
+        """``windows[g]`` is cache group g's sliding window in tokens (None: full attention)."""
+        if not windows or any(w is not None and w < 1 for w in windows):
+            raise ValueError("The kv manager needs one window (None or >= 1 token) per cache group.")
         self.pool = pool
         self.block_size = block_size
+        self.windows = tuple(windows)
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
         self._pending_copies: dict[int, int] = {}  # dst block -> src block, executed before the next forward
 
+    @property
+    def num_groups(self) -> int:
+        return len(self.windows)
+
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def first_live_block(self, group: int, position: int) -> int:
+        """Index of the first block a query at ``position`` (or later) can still see in ``group``:
+        it sees keys at positions > position - window."""
+        window = self.windows[group]
+        return 0 if window is None else max(0, position - window + 1) // self.block_size
+
+    def tables(self, seq: CachedSequence) -> list[list[int]]:
+        """The sequence's block tables, one per group (created empty on first use)."""
+        if not seq.block_tables:
+            seq.block_tables.extend([] for _ in self.windows)
+        return seq.block_tables
+
+    def num_blocks_held(self, seq: CachedSequence) -> int:
+        """Real blocks the sequence references now, every group together (placeholders not counted)."""
+        return sum(b != NULL_BLOCK for table in seq.block_tables for b in table)
+
+    def worst_case_blocks(self, num_prompt_tokens: int, num_tokens: int, num_samples: int,
+                          max_chunk: int) -> int:
+        """The most blocks ``num_samples`` samples of one prompt can hold at once when each grows to
+        ``num_tokens`` tokens, computing at most ``max_chunk`` per step: the prompt's full blocks are
+        shared, and a sliding group holds no more than its window's blocks plus one step's."""
+        shared_full = num_prompt_tokens // self.block_size
+        total = 0
+        for window in self.windows:
+            each = self.blocks_for(num_tokens)
+            shared = shared_full
+            if window is not None:
+                each = min(each, (window + max_chunk - 2) // self.block_size + 2)
+                shared = min(shared, each)
+            total += shared + num_samples * (each - shared)
+        return total
 
     # --- prefix cache ---------------------------------------------------------------------
 
@@ -50,96 +111,137 @@ class KVCacheManager:
             parent = seq.block_hashes[-1] if seq.block_hashes else None
             seq.block_hashes.append(hash_block(parent, seq.all_token_ids[i * bs:(i + 1) * bs], seq.cache_salt))
 
-    def find_cached_prefix(self, seq: CachedSequence) -> list[int]:
-        """Blocks already holding this sequence's leading full blocks, longest chain first.
+    def find_cached_prefix(self, seq: CachedSequence) -> PrefixHit:
+        """The longest run of leading full blocks cached in every group, as far as each group needs:
+        a full-attention group every block of the run, a sliding group only those the next query's
+        window reaches.
 
         At least one token is always left to compute, since the model must produce logits.
         Takes no reference and counts nothing (see :meth:`count_prefix_lookup`).
         """
         if not self.pool.enable_prefix_caching:
-            return []
+            return PrefixHit.none(self.num_groups)
         num_tokens = len(seq.all_token_ids)
         self._update_hashes(seq, num_tokens)
-        hits: list[int] = []
-        for block_hash in seq.block_hashes[: (num_tokens - 1) // self.block_size]:
-            block_id = self.pool.lookup(block_hash)
-            if block_id is None:
-                break
-            hits.append(block_id)
-        return hits
+        hashes = seq.block_hashes[: (num_tokens - 1) // self.block_size]
+        found = [[self.pool.lookup(h, g) for h in hashes] for g in range(self.num_groups)]
+        n = len(hashes)
+        while n and not all(self._covers(found[g], g, n) for g in range(self.num_groups)):
+            n -= 1
+        tables = tuple(tuple(NULL_BLOCK if i < self.first_live_block(g, n * self.block_size) else found[g][i]
+                             for i in range(n)) for g in range(self.num_groups))
+        return PrefixHit(n, tables)
 
-    def count_prefix_lookup(self, seq: CachedSequence, num_hit_blocks: int) -> None:
+    def _covers(self, found: list[int | None], group: int, n: int) -> bool:
+        """Does group ``group`` hold every block that a query right after ``n`` blocks can see?"""
+        return all(b is not None for b in found[self.first_live_block(group, n * self.block_size):n])
+
+    def count_prefix_lookup(self, seq: CachedSequence, hit: PrefixHit) -> None:
         """Count one admitted lookup: its tokens as queries, its cached tokens as hits."""
         if self.pool.enable_prefix_caching:
             self.prefix_cache_queries += len(seq.all_token_ids)
-            self.prefix_cache_hits += num_hit_blocks * self.block_size
+            self.prefix_cache_hits += hit.num_blocks * self.block_size
 
     # --- allocation -----------------------------------------------------------------------
 
-    def can_allocate(self, seq: CachedSequence, num_new_tokens: int, cached: list[int] = ()) -> bool:
-        return self._blocks_needed(seq, num_new_tokens, cached) <= self.pool.num_free - \
-            sum(1 for b in cached if self.pool.ref_count(b) == 0)
+    def can_allocate(self, seq: CachedSequence, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
+        tables = self.tables(seq)
+        hit = hit or PrefixHit.none(self.num_groups)
+        computed = seq.num_computed_tokens + hit.num_blocks * self.block_size
+        needed, freed = 0, 0
+        for g, table in enumerate(tables):
+            entries = table + list(hit.tables[g])
+            needed += max(0, self.blocks_for(computed + num_new_tokens) - len(entries))
+            needed += self._needs_copy_on_write(entries, computed, num_new_tokens)
+            freed += sum(1 for b in self._outside_window(entries, g, computed) if self.pool.ref_count(b) == 1)
+        revived = sum(1 for t in hit.tables for b in t if b != NULL_BLOCK and self.pool.ref_count(b) == 0)
+        return needed <= self.pool.num_free - revived + freed
 
-    def _blocks_needed(self, seq: CachedSequence, num_new_tokens: int, cached: list[int]) -> int:
-        have = len(seq.block_ids) + len(cached)
-        computed = seq.num_computed_tokens + len(cached) * self.block_size
-        needed = max(0, self.blocks_for(computed + num_new_tokens) - have)
-        return needed + (1 if self._needs_copy_on_write(seq, computed, num_new_tokens) else 0)
-
-    def _needs_copy_on_write(self, seq: CachedSequence, computed: int, num_new_tokens: int) -> bool:
+    def _needs_copy_on_write(self, table: list[int], computed: int, num_new_tokens: int) -> bool:
         """True when the first slot this step writes lies in a block another request also holds."""
         first = computed // self.block_size
-        return num_new_tokens > 0 and first < len(seq.block_ids) and \
-            self.pool.ref_count(seq.block_ids[first]) > 1
+        return num_new_tokens > 0 and first < len(table) and self.pool.ref_count(table[first]) > 1
 
-    def allocate_slots(self, seq: CachedSequence, num_new_tokens: int, cached: list[int] = ()) -> bool:
-        """Make room for ``num_new_tokens`` more tokens of KV; False (and no change) if it cannot.
+    def _outside_window(self, table: list[int], group: int, position: int) -> list[int]:
+        """Real blocks of ``table`` that no query from ``position`` on can see."""
+        return [b for b in table[:self.first_live_block(group, position)] if b != NULL_BLOCK]
 
-        ``cached`` are prefix-hit blocks from :meth:`find_cached_prefix`; they are taken (reference
-        +1) and become the start of the table, and ``seq.num_computed_tokens`` is advanced past them.
+    def allocate_slots(self, seq: CachedSequence, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
+        """Make room for ``num_new_tokens`` more tokens of KV in every group; False (and no change)
+        if it cannot. Blocks a sliding window has left behind go back to the pool first.
+
+        ``hit`` is a :meth:`find_cached_prefix` result for a sequence holding no blocks yet: its
+        blocks are taken (reference +1) and start the tables, and ``seq.num_computed_tokens`` is
+        advanced past them.
         """
-        if not self.can_allocate(seq, num_new_tokens, cached):
+        if not self.can_allocate(seq, num_new_tokens, hit):
             return False
-        if cached:
-            self.pool.take(cached)
-            seq.block_ids.extend(cached)
-            seq.num_computed_tokens += len(cached) * self.block_size
-        if self._needs_copy_on_write(seq, seq.num_computed_tokens, num_new_tokens):
-            self._copy_last_block(seq)
-        elif num_new_tokens and seq.num_computed_tokens % self.block_size:
-            # writing into a block this sequence alone holds: if it was full once (a rollback
-            # made it partial), its hash no longer describes what it will hold
-            self.pool.unregister(seq.block_ids[seq.num_computed_tokens // self.block_size])
-        end = seq.num_computed_tokens + num_new_tokens
-        missing = self.blocks_for(end) - len(seq.block_ids)
-        if missing > 0:
-            seq.block_ids.extend(self.pool.allocate(missing))
+        tables = self.tables(seq)
+        if hit and hit.num_blocks:
+            for table, cached in zip(tables, hit.tables):
+                self.pool.take(b for b in cached if b != NULL_BLOCK)
+                table.extend(cached)
+            seq.num_computed_tokens += hit.num_blocks * self.block_size
+        computed = seq.num_computed_tokens
+        end = computed + num_new_tokens
+        for g, table in enumerate(tables):
+            self._release_outside_window(table, g, computed)
+            if self._needs_copy_on_write(table, computed, num_new_tokens):
+                self._copy_last_block(table)
+            elif num_new_tokens and computed % self.block_size:
+                # writing into a block this sequence alone holds: if it was full once (a rollback
+                # made it partial), its hash no longer describes what it will hold
+                self.pool.unregister(table[computed // self.block_size])
+            missing = self.blocks_for(end) - len(table)
+            if missing > 0:
+                table.extend(self.pool.allocate(missing))
         self._register_full_blocks(seq, end)
         return True
 
+    def _release_outside_window(self, table: list[int], group: int, position: int) -> None:
+        """Give back the blocks no query from ``position`` on can see; they keep their hashes."""
+        for i in range(self.first_live_block(group, position)):
+            if table[i] != NULL_BLOCK:
+                self._pending_copies.pop(table[i], None)
+                self.pool.release([table[i]])
+                table[i] = NULL_BLOCK
+
+    def blocks_to_save(self, seq: CachedSequence) -> tuple[int, ...]:
+        """The blocks holding KV a future query can see, every group in order (what swap-out keeps)."""
+        return tuple(b for g, table in enumerate(self.tables(seq))
+                     for b in table[self.first_live_block(g, seq.num_computed_tokens):])
+
     def restore(self, seq: CachedSequence, num_new_tokens: int) -> tuple[int, ...] | None:
-        """Fresh blocks for a swapped-out sequence's computed tokens plus this step's new ones.
+        """Fresh blocks for a swapped-out sequence's visible computed tokens plus this step's new ones.
 
-        Returns the blocks its saved KV must be copied into, or None (and no change) if they do not fit.
+        Returns the blocks its saved KV (:meth:`blocks_to_save`, same order) must be copied into,
+        or None (and no change) if they do not fit.
         """
-        restored = self.blocks_for(seq.num_computed_tokens)
-        total = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
-        if seq.block_ids or total > self.pool.num_free:
+        computed = seq.num_computed_tokens
+        tables = self.tables(seq)
+        spans = [(self.first_live_block(g, computed), self.blocks_for(computed)) for g in range(self.num_groups)]
+        count = sum(hi - lo for lo, hi in spans)
+        if any(tables) or count > self.pool.num_free:
             return None
-        seq.block_ids.extend(self.pool.allocate(restored))
+        fresh = self.pool.allocate(count)
+        taken = 0
+        for table, (lo, hi) in zip(tables, spans):
+            table.extend([NULL_BLOCK] * lo + fresh[taken:taken + hi - lo])
+            taken += hi - lo
         if not self.allocate_slots(seq, num_new_tokens):
-            raise RuntimeError("restore: the blocks counted as free could not be allocated.")
-        return tuple(seq.block_ids[:restored])
+            self.free(seq)
+            return None
+        return tuple(fresh)
 
-    def _copy_last_block(self, seq: CachedSequence) -> None:
-        shared = seq.block_ids[-1]
+    def _copy_last_block(self, table: list[int]) -> None:
+        shared = table[-1]
         (private,) = self.pool.allocate(1)
         self._pending_copies[private] = self._pending_copies.pop(shared, shared)
         self.pool.release([shared])
-        seq.block_ids[-1] = private
+        table[-1] = private
 
     def _register_full_blocks(self, seq: CachedSequence, num_tokens_with_kv: int) -> None:
-        """Make blocks that become full in this step findable by prefix hash.
+        """Make blocks that become full in this step findable by prefix hash, in every group.
 
         Blocks full before this step were registered when they filled (or came from the prefix
         cache), so only blocks from the one holding ``num_computed_tokens`` on are looked at.
@@ -147,8 +249,9 @@ class KVCacheManager:
         if not self.pool.enable_prefix_caching:
             return
         self._update_hashes(seq, num_tokens_with_kv)
-        for i in range(seq.num_computed_tokens // self.block_size, num_tokens_with_kv // self.block_size):
-            self.pool.register(seq.block_ids[i], seq.block_hashes[i])
+        for g, table in enumerate(seq.block_tables):
+            for i in range(seq.num_computed_tokens // self.block_size, num_tokens_with_kv // self.block_size):
+                self.pool.register(table[i], seq.block_hashes[i], g)
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """(src, dst) block copies the runner must perform before this step's forward."""
@@ -160,17 +263,20 @@ class KVCacheManager:
 
     def free(self, seq: CachedSequence) -> None:
         """Return every block of the sequence; tail blocks first so they are evicted first."""
-        for block_id in seq.block_ids:
-            self._pending_copies.pop(block_id, None)
-        self.pool.release(reversed(seq.block_ids))
-        seq.block_ids.clear()
+        for table in seq.block_tables:
+            held = [b for b in table if b != NULL_BLOCK]
+            for block_id in held:
+                self._pending_copies.pop(block_id, None)
+            self.pool.release(reversed(held))
+            table.clear()
 
     def fork(self, parent: CachedSequence, child: CachedSequence) -> None:
         """Let ``child`` share all of ``parent``'s blocks; a shared partial block is copied on write."""
-        if child.block_ids:
+        if any(child.block_tables):
             raise RuntimeError(f"Request {child.request_id} already holds blocks; cannot fork into it.")
-        self.pool.take(parent.block_ids)
-        child.block_ids.extend(parent.block_ids)
+        for parent_table, child_table in zip(self.tables(parent), self.tables(child)):
+            self.pool.take(b for b in parent_table if b != NULL_BLOCK)
+            child_table.extend(parent_table)
         child.block_hashes[:] = parent.block_hashes
         child.num_computed_tokens = parent.num_computed_tokens
 
@@ -181,8 +287,12 @@ class KVCacheManager:
         block that becomes partial keeps its hash until it is written again (see allocate_slots).
         """
         keep = self.blocks_for(num_tokens)
-        dropped = seq.block_ids[keep:]
-        self.pool.release(reversed(dropped))
-        del seq.block_ids[keep:]
+        for g, table in enumerate(seq.block_tables):
+            if NULL_BLOCK in table[self.first_live_block(g, num_tokens):keep]:
+                raise RuntimeError(f"Cannot roll {seq.request_id} back to {num_tokens} tokens: its window "
+                                   "already released blocks a query there would see.")
+        for table in seq.block_tables:
+            self.pool.release(reversed([b for b in table[keep:] if b != NULL_BLOCK]))
+            del table[keep:]
         del seq.block_hashes[num_tokens // self.block_size:]
         seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)

@@ -2,15 +2,15 @@
 
     model config --> [KVSpec per layer] --> [KVCacheGroup: spec + layer indices] --> storage, sizing
 
-A group is the unit of memory layout: its layers share one allocation, one element format, one
-window, and (once per-group tables come) one block table per request. Llama-family models have
-one group today (every layer caches the same thing); hybrid models (sliding + global layers) get
-one group per distinct spec. vLLM's ``kv_cache_interface.py`` is the model for this shape.
+A group is the unit of block tables: its layers share one element format, one window and one
+block table per request. Llama-family models have one group (every layer caches the same thing);
+hybrid models (sliding + global layers) get groups of equal size per distinct spec, which share
+one pool of pages (see :func:`group_layers`). vLLM's ``kv_cache_interface.py`` is the model.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kvcache.config import ModelConfig
 from kvcache.sizing import KVShape, block_bytes, blocks_in_budget, kv_dtype
@@ -76,24 +76,46 @@ class KVCacheGroup:
 
 
 def layer_specs(config: ModelConfig, kv_format: str) -> tuple[KVSpec, ...]:
-    """One spec per layer of a llama-family model (the same for every layer)."""
-    spec = KVSpec(config.num_kv_heads, config.head_dim, kv_format, config.sliding_window)
-    return (spec,) * config.num_layers
+    """One spec per layer: the same heads, head dim and format everywhere, each layer's own window
+    (Gemma-3's sliding layers hold ``window`` tokens, its global layers every token)."""
+    return tuple(KVSpec(config.num_kv_heads, config.head_dim, kv_format, window) for window in config.windows)
 
 
 def group_layers(specs: tuple[KVSpec, ...]) -> tuple[KVCacheGroup, ...]:
-    """Layers with identical specs form one group; groups are numbered in order of first layer."""
+    """Layers with identical specs, cut into groups of equal size; numbered spec by spec.
+
+    Equal sizes let every group share one pool of block ids (vLLM's hybrid allocator): a block id
+    is one page holding ``block_size`` tokens for as many layers as a group has, and each group's
+    table draws pages from the same free list. SmolLM2's 30 equal layers are one group; Gemma-3's
+    15 sliding + 3 global layers are five sliding groups and one global group of 3 layers each. A
+    spec whose layer count is not a multiple of the smallest ends in a smaller group (its page is
+    not full). Layers must agree on heads, head dim and format; only windows may differ.
+    """
     members: dict[KVSpec, list[int]] = {}
     for index, spec in enumerate(specs):
         members.setdefault(spec, []).append(index)
-    return tuple(KVCacheGroup(i, spec, tuple(layers)) for i, (spec, layers) in enumerate(members.items()))
+    if len({replace(spec, window=None) for spec in members}) > 1:
+        raise ValueError("Every layer must cache the same kv heads, head dim and format; only the "
+                         f"window may differ between layers (got {sorted(set(members), key=str)}).")
+    size = min(len(layers) for layers in members.values())
+    groups: list[KVCacheGroup] = []
+    for spec, layers in members.items():
+        for start in range(0, len(layers), size):
+            groups.append(KVCacheGroup(len(groups), spec, tuple(layers[start:start + size])))
+    return tuple(groups)
+
+
+def page_group(groups: tuple[KVCacheGroup, ...]) -> KVCacheGroup:
+    """The layout one block id has in memory: as many layer slots as the largest group, no window."""
+    largest = max(groups, key=lambda g: len(g.layers))
+    return KVCacheGroup(0, replace(largest.spec, window=None), tuple(range(len(largest.layers))))
 
 
 def pool_block_bytes(groups: tuple[KVCacheGroup, ...], block_size: int) -> int:
-    """Bytes of one block id across every group (each group stores every block id)."""
-    return sum(g.block_bytes(block_size) for g in groups)
+    """Bytes of one block id: one page, which any one group fills at a time."""
+    return page_group(groups).block_bytes(block_size)
 
 
 def num_blocks_for_budget(groups: tuple[KVCacheGroup, ...], budget_bytes: int, block_size: int) -> int:
-    """How many whole blocks (across every group) fit in ``budget_bytes``; raises if not even one does."""
+    """How many whole blocks (pages) fit in ``budget_bytes``; raises if not even one does."""
     return blocks_in_budget(pool_block_bytes(groups, block_size), budget_bytes, block_size)

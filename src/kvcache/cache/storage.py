@@ -22,7 +22,7 @@ import math
 import torch
 
 from kvcache.cache.quant import SCALE_DTYPE, Codec, codec_for
-from kvcache.cache.spec import KVCacheGroup, pool_block_bytes
+from kvcache.cache.spec import KVCacheGroup, page_group, pool_block_bytes
 from kvcache.sizing import group_size_for, kv_dtype
 
 PLAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -31,9 +31,9 @@ PLAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 class LayerCache:
     """One layer's handle on its group's storage; what attention receives instead of tensors."""
 
-    def __init__(self, group: "GroupStorage", local_index: int) -> None:
+    def __init__(self, group: "GroupStorage", local_index: int, group_id: int | None = None) -> None:
         self.group = group
-        self.group_id = group.group.group_id
+        self.group_id = group.group.group_id if group_id is None else group_id  # whose tables address it
         self.local_index = local_index
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -259,7 +259,16 @@ class QuantizedGroup(GroupStorage):
 
 
 class KVCache:
-    """Every group's storage for one model, sized by the planner; ``layers[i]`` is layer i's cache."""
+    """Every group's KV in one allocation of pages, sized by the planner; ``layers[i]`` is layer i's cache.
+
+    Groups have equal layer counts (see :func:`~kvcache.cache.spec.group_layers`), so one page
+    layout serves them all: a block id is a page with one slot per layer of a group, and since a
+    block id belongs to one group's table at a time, layer j of every group uses page slot j.
+
+        pages: [slot 0 | slot 1 | slot 2] x num_blocks     (Gemma-3-270M: 3 slots)
+        group 0 (sliding, layers 0 1 2) -> slots 0 1 2 of the blocks in its tables
+        group 5 (global,  layers 5 11 17) -> slots 0 1 2 of the blocks in its tables
+    """
 
     def __init__(self, groups: tuple[KVCacheGroup, ...], num_blocks: int, block_size: int,
                  device: torch.device | str = "cpu") -> None:
@@ -267,61 +276,65 @@ class KVCache:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.device = torch.device(device)
-        self.storages = [_allocate(g, num_blocks, block_size, self.device) for g in groups]
+        self.pages = _allocate(page_group(groups), num_blocks, block_size, self.device)
         num_layers = sum(len(g.layers) for g in groups)
         self.layers: list[LayerCache] = [None] * num_layers  # type: ignore[list-item]
-        for group, storage in zip(groups, self.storages):
-            for local, index in enumerate(group.layers):
-                self.layers[index] = storage.layers[local]
+        for group in groups:
+            for slot, index in enumerate(group.layers):
+                self.layers[index] = LayerCache(self.pages, slot, group.group_id)
 
     @property
     def kv_format(self) -> str:
-        """The element format (one per model today; joined with '+' if groups ever differ)."""
-        return "+".join(dict.fromkeys(g.spec.kv_format for g in self.groups))
+        """The element format every layer stores."""
+        return self.pages.group.spec.kv_format
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated, every group's buffer together."""
-        return sum(s.nbytes for s in self.storages)
+        """Bytes allocated: every page."""
+        return self.pages.nbytes
+
+    @property
+    def block_nbytes(self) -> int:
+        """Bytes of one block id (one page)."""
+        return self.nbytes // self.num_blocks
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes per token slot of a full block, every layer and scale included (rounded down)."""
+        """Bytes per token slot of a full page, every slot and scale included (rounded down)."""
         return self.nbytes // (self.num_blocks * self.block_size)
 
     @property
     def bytes_per_element(self) -> float:
         """Bytes per cached key or value, packing and scales included."""
-        values = sum(len(g.layers) * 2 * g.spec.num_kv_heads * g.spec.head_dim for g in self.groups)
-        return self.nbytes / (self.num_blocks * self.block_size * values)
+        spec, slots = self.pages.group.spec, len(self.pages.group.layers)
+        return self.nbytes / (self.num_blocks * self.block_size * slots * 2 * spec.num_kv_heads * spec.head_dim)
 
     def planned_nbytes(self) -> int:
         """What the planner says ``num_blocks`` blocks cost (equal to :attr:`nbytes`, tested)."""
         return self.num_blocks * pool_block_bytes(self.groups, self.block_size)
 
     def bytes_held(self, num_tokens: int) -> int:
-        """Bytes one sequence of ``num_tokens`` tokens occupies, read off the allocated regions."""
-        return sum(s.bytes_held(num_tokens) for s in self.storages)
+        """Bytes the KV of one sequence of ``num_tokens`` tokens occupies in its layers, read off the
+        allocated regions; a sliding layer holds at most its window."""
+        slots = len(self.pages.group.layers)
+        return sum(self.pages.bytes_held(min(num_tokens, g.spec.window or num_tokens)) * len(g.layers) // slots
+                   for g in self.groups)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy whole blocks src -> dst in every group (copy-on-write of shared partial blocks)."""
+        """Copy whole blocks src -> dst (copy-on-write of shared partial blocks)."""
         if not pairs:
             return
         src = torch.tensor([p[0] for p in pairs], device=self.device)
         dst = torch.tensor([p[1] for p in pairs], device=self.device)
-        for storage in self.storages:
-            storage.copy_blocks(src, dst)
+        self.pages.copy_blocks(src, dst)
 
-    def read_blocks(self, block_ids: list[int]) -> list[list[torch.Tensor]]:
-        """A host copy of some blocks (every region of every group), for swapping out."""
-        index = torch.tensor(block_ids, device=self.device)
-        return [s.take_blocks(index) for s in self.storages]
+    def read_blocks(self, block_ids: list[int]) -> list[torch.Tensor]:
+        """A host copy of some blocks (every region), for swapping out."""
+        return self.pages.take_blocks(torch.tensor(block_ids, device=self.device))
 
-    def write_blocks(self, block_ids: list[int], data: list[list[torch.Tensor]]) -> None:
+    def write_blocks(self, block_ids: list[int], data: list[torch.Tensor]) -> None:
         """Put a host copy from :meth:`read_blocks` back, into (possibly other) block ids."""
-        index = torch.tensor(block_ids, device=self.device)
-        for storage, part in zip(self.storages, data):
-            storage.put_blocks(index, part)
+        self.pages.put_blocks(torch.tensor(block_ids, device=self.device), data)
 
 
 def _allocate(group: KVCacheGroup, num_blocks: int, block_size: int, device: torch.device) -> GroupStorage:

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from kvcache.cache.block_pool import BlockPool
-from kvcache.cache.kv_manager import KVCacheManager
+from kvcache.cache.kv_manager import NULL_BLOCK, KVCacheManager
 from kvcache.cache.spec import group_layers, layer_specs, num_blocks_for_budget, resolve_kv_cache_dtype
 from kvcache.cache.storage import KVCache
 from kvcache.config import CacheConfig, SamplingParams, SchedulerConfig, is_text, parse_model_dtype
@@ -113,7 +113,7 @@ class LLMEngine:
             self.kv_groups, self.cache_config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, block_size)
         self.storage = KVCache(self.kv_groups, blocks, block_size, self.device)
         self.pool = BlockPool(blocks, enable_prefix_caching)
-        self.kv = KVCacheManager(self.pool, block_size)
+        self.kv = KVCacheManager(self.pool, block_size, tuple(g.spec.window for g in self.kv_groups))
         self.scheduler = Scheduler(self.scheduler_config, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.model, self.storage)
         self._groups: dict[str, _Group] = {}
@@ -167,10 +167,16 @@ class LLMEngine:
         """The most tokens each of ``num_samples`` samples of this prompt may generate: what the
         context and an empty pool can both hold, the prompt's full blocks shared (0 if even one
         more token cannot fit)."""
-        bs = self.cache_config.block_size
-        shared = num_prompt_tokens // bs
-        blocks_each = shared + (self.pool.num_blocks - shared) // num_samples
-        return max(0, min(self.max_model_len, blocks_each * bs) - num_prompt_tokens)
+        def fits(total: int) -> bool:
+            return self.kv.worst_case_blocks(num_prompt_tokens, total, num_samples,
+                                             self.scheduler_config.prefill_chunk) <= self.pool.num_blocks
+        low, high = num_prompt_tokens, self.max_model_len  # fits(low) is assumed; find the last that fits
+        if low >= high or not fits(low + 1):
+            return 0
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle - 1)
+        return low - num_prompt_tokens
 
     def _register(self, request: Request, generator: torch.Generator) -> None:
         self._requests[request.request_id] = request
@@ -350,7 +356,8 @@ class LLMEngine:
 
     @property
     def block_bytes(self) -> int:
-        return self.storage.nbytes // self.pool.num_blocks
+        """Bytes of one block id (a page: one group's layers for block_size tokens)."""
+        return self.storage.block_nbytes
 
     def kv_bytes_for_tokens(self, num_tokens: int) -> int:
         """What the planner says ``num_tokens`` tokens of this model's KV cost in the cache's format."""
@@ -365,8 +372,8 @@ class LLMEngine:
         for index, request in enumerate(self.scheduler.running):
             group, sample = request.request_id.rsplit("#", 1)
             requests.append({"id": group, "sample": int(sample), "tokens": request.num_computed_tokens,
-                             "blocks": len(request.block_ids)})
-            for block_id in request.block_ids:
+                             "blocks": self.kv.num_blocks_held(request)})
+            for block_id in (b for table in request.block_tables for b in table if b != NULL_BLOCK):
                 if owners[block_id] < 0:
                     owners[block_id] = index
         shared = [b.block_id for b in self.pool.blocks if b.ref_count > 1]
@@ -376,9 +383,9 @@ class LLMEngine:
     def stats(self) -> dict[str, Any]:
         pool = self.pool
         running = self.scheduler.running
-        allocated_slots = sum(len(r.block_ids) for r in running) * self.cache_config.block_size
-        filled = sum(min(r.num_computed_tokens, len(r.block_ids) * self.cache_config.block_size)
-                     for r in running)
+        bs = self.cache_config.block_size
+        allocated_slots = sum(self.kv.num_blocks_held(r) for r in running) * bs
+        filled = sum(self._slots_filled(r) for r in running)
         return {
             "kv_cache_usage": pool.num_used / pool.num_blocks,
             "num_blocks_total": pool.num_blocks,
@@ -387,6 +394,8 @@ class LLMEngine:
             "num_blocks_cached_free": pool.num_cached_free,
             "block_size": self.cache_config.block_size,
             "kv_cache_bytes": self.storage.nbytes,
+            "kv_bytes_used": pool.num_used * self.block_bytes,
+            "groups": self._group_stats(),
             "kv_cache_dtype": self.storage.kv_format,
             "num_requests_running": len(running),
             "num_requests_waiting": len(self.scheduler.waiting),
@@ -395,6 +404,27 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "fragmentation": (allocated_slots - filled) / allocated_slots if allocated_slots else 0.0,
         }
+
+
+    def _slots_filled(self, request: Request) -> int:
+        """Token slots of the request's real blocks that hold computed KV, every group together."""
+        bs = self.cache_config.block_size
+        return sum(min(request.num_computed_tokens, (i + 1) * bs) - i * bs
+                   for table in request.block_tables for i, b in enumerate(table)
+                   if b != NULL_BLOCK and i * bs < request.num_computed_tokens)
+
+    def _group_stats(self) -> list[dict[str, Any]]:
+        """Per cache group: its layers, window, the blocks its tables hold now and their bytes.
+
+        A block shared by several requests (prefix, fork) counts once."""
+        held: list[set[int]] = [set() for _ in self.kv_groups]
+        for request in self.scheduler.running:
+            for group, table in enumerate(request.block_tables):
+                held[group].update(b for b in table if b != NULL_BLOCK)
+        return [{"group": g.group_id, "layers": list(g.layers), "window": g.spec.window,
+                 "kv_format": g.spec.kv_format, "blocks_used": len(held[g.group_id]),
+                 "blocks_total": self.pool.num_blocks, "bytes_used": len(held[g.group_id]) * self.block_bytes}
+                for g in self.kv_groups]
 
 
 class LLM:

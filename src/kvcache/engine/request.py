@@ -20,7 +20,8 @@ class RequestStatus(enum.Enum):
 
 @dataclass
 class Request:
-    """One sequence being generated. It carries its block table; only the kv manager writes it.
+    """One sequence being generated. It carries its block tables (one per cache group); only the
+    kv manager writes them.
 
         all_token_ids: [ prompt ............ | output ...... ]
         num_computed_tokens:  ---------------------------^      (tokens whose KV is in the cache)
@@ -34,7 +35,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     all_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
-    block_ids: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)  # [group][block index] -> block id
     block_hashes: list[BlockHash] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
@@ -43,12 +44,18 @@ class Request:
     finish_time: float | None = None
     num_preemptions: int = 0
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
-    peak_blocks: int = 0
+    peak_blocks: int = 0  # the most blocks it held at once, every group together
     output_logprobs: list[dict] = field(default_factory=list)
+    spec_token_ids: list[int] = field(default_factory=list)  # drafts to verify next step, not yet output
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
             self.all_token_ids = list(self.prompt_token_ids)
+
+    @property
+    def block_ids(self) -> list[int]:
+        """Cache group 0's table: the only one of a model whose layers all cache the same thing."""
+        return self.block_tables[0] if self.block_tables else []
 
     @property
     def cache_salt(self) -> str | None:

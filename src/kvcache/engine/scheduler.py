@@ -39,8 +39,7 @@ class Scheduler:
             raise ValueError(f"The prompt has {request.num_prompt_tokens} tokens; this model's context is "
                              f"{self.max_model_len} tokens, which must also hold at least one new token.")
         worst = min(request.max_total_tokens, self.max_model_len)
-        shared = request.num_prompt_tokens // self.kv.block_size
-        need = shared + num_samples * (self.kv.blocks_for(worst) - shared)
+        need = self.kv.worst_case_blocks(request.num_prompt_tokens, worst, num_samples, self.config.prefill_chunk)
         have = self.kv.pool.num_blocks
         if need > have:
             samples = f"{num_samples} samples of " if num_samples > 1 else ""
@@ -98,7 +97,7 @@ class Scheduler:
             budget -= num_new
 
         for request, _ in scheduled:
-            request.peak_blocks = max(request.peak_blocks, len(request.block_ids))
+            request.peak_blocks = max(request.peak_blocks, self.kv.num_blocks_held(request))
         self._scheduled = scheduled
         return SchedulerOutput(
             sequences=tuple(self._plan(r, n) for r, n in scheduled),
@@ -120,13 +119,13 @@ class Scheduler:
                 return None
             swap_in.append((request.request_id, restored))
             return num_new
-        cached = self.kv.find_cached_prefix(request)
-        num_new = self._chunk(request, len(cached) * self.kv.block_size, budget)
-        if not self.kv.allocate_slots(request, num_new, cached):
+        hit = self.kv.find_cached_prefix(request)
+        num_new = self._chunk(request, hit.num_blocks * self.kv.block_size, budget)
+        if not self.kv.allocate_slots(request, num_new, hit):
             return None
-        self.kv.count_prefix_lookup(request, len(cached))
+        self.kv.count_prefix_lookup(request, hit)
         if request.num_preemptions == 0:
-            request.num_cached_prompt_tokens = len(cached) * self.kv.block_size
+            request.num_cached_prompt_tokens = hit.num_blocks * self.kv.block_size
         return num_new
 
     def _plan(self, request: Request, num_new: int) -> ScheduledSequence:
@@ -135,13 +134,13 @@ class Scheduler:
             request_id=request.request_id,
             token_ids=tuple(request.all_token_ids[start:start + num_new]),
             start_position=start,
-            block_ids=tuple(request.block_ids),
+            block_tables=tuple(tuple(table) for table in request.block_tables),
             sample=start + num_new == request.num_tokens,
         )
 
     def _preempt(self, request: Request, swap_out: list) -> None:
         if self.config.preemption_mode == "swap" and request.num_computed_tokens > 0:
-            swap_out.append((request.request_id, tuple(request.block_ids)))
+            swap_out.append((request.request_id, self.kv.blocks_to_save(request)))
             self.kv.free(request)
             request.status = RequestStatus.SWAPPED
         else:

@@ -12,7 +12,7 @@ class ScheduledSequence:
     request_id: str
     token_ids: tuple[int, ...]  # the tokens computed this step
     start_position: int  # tokens with KV before this step
-    block_ids: tuple[int, ...]  # the sequence's block table for this step
+    block_tables: tuple[tuple[int, ...], ...]  # per cache group: the block table for this step
     sample: bool  # True when this step reaches the end of the known tokens
 
     @property

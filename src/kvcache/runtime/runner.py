@@ -49,37 +49,48 @@ class ModelRunner:
                                                                      list[AttentionMetadata]]:
         """Flatten sequences into token/position vectors and one attention metadata per cache group.
 
-        Every group reads the request's one block table today (a block id names a block in every
-        group's storage); the groups differ in their window, hence in their masks.
+        Each group has its own slot mapping and block tables (a table entry a window released is
+        read as block 0 and masked out); groups with the same window share their masks.
         """
-        bs = self.storage.block_size
         tokens: list[int] = []
         positions: list[int] = []
-        slots: list[int] = []
         for s in seqs:
             tokens.extend(s.token_ids)
-            for pos in range(s.start_position, s.seq_len):
-                positions.append(pos)
-                slots.append(s.block_ids[pos // bs] * bs + pos % bs)
-        width = max(len(s.block_ids) for s in seqs)
-        table = [list(s.block_ids) + [0] * (width - len(s.block_ids)) for s in seqs]
+            positions.extend(range(s.start_position, s.seq_len))
         num_decodes = 0
         while num_decodes < len(seqs) and is_decode(seqs[num_decodes]):
             num_decodes += 1
-        slot_mapping = torch.tensor(slots, dtype=torch.long, device=self.device)
-        block_tables = torch.tensor(table, dtype=torch.long, device=self.device)  # [num_seqs, width]
-        by_window: dict[int | None, AttentionMetadata] = {}
+        metas: list[AttentionMetadata] = []
+        masked: dict[int | None, AttentionMetadata] = {}
         for group in self.storage.groups:
-            window = group.spec.window
-            if window not in by_window:
-                by_window[window] = AttentionMetadata(
-                    slot_mapping=slot_mapping, query_lens=[len(s.token_ids) for s in seqs],
-                    seq_lens=[s.seq_len for s in seqs], block_tables=block_tables, block_size=bs,
-                    num_decodes=num_decodes, sliding_window=window)
-                build_masks(by_window[window], self.device)
-        metas = [by_window[g.spec.window] for g in self.storage.groups]
+            meta = self._group_metadata(seqs, group.group_id, num_decodes, group.spec.window)
+            if group.spec.window in masked:
+                like = masked[group.spec.window]
+                meta.decode_groups, meta.decode_masks, meta.prefill_masks = \
+                    like.decode_groups, like.decode_masks, like.prefill_masks
+            else:
+                build_masks(meta, self.device)
+                masked[group.spec.window] = meta
+            metas.append(meta)
         return (torch.tensor(tokens, dtype=torch.long, device=self.device),
                 torch.tensor(positions, dtype=torch.long, device=self.device), metas)
+
+    def _group_metadata(self, seqs: tuple[ScheduledSequence, ...], group: int, num_decodes: int,
+                        window: int | None) -> AttentionMetadata:
+        """One group's slot mapping and block tables for the step (masks are filled separately)."""
+        bs = self.storage.block_size
+        slots: list[int] = []
+        for s in seqs:
+            table = s.block_tables[group]
+            slots.extend(table[pos // bs] * bs + pos % bs for pos in range(s.start_position, s.seq_len))
+        width = max(len(s.block_tables[group]) for s in seqs)
+        rows = [[max(b, 0) for b in s.block_tables[group]] + [0] * (width - len(s.block_tables[group]))
+                for s in seqs]
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            query_lens=[len(s.token_ids) for s in seqs], seq_lens=[s.seq_len for s in seqs],
+            block_tables=torch.tensor(rows, dtype=torch.long, device=self.device),  # [num_seqs, width]
+            block_size=bs, num_decodes=num_decodes, sliding_window=window)
 
 
 def is_decode(s: ScheduledSequence) -> bool:
