@@ -26,15 +26,15 @@ def test_plain_formats_follow_the_formula(layers, heads, hd, seq, batch):
 
 
 def test_quantized_formats_pay_for_scales_and_packing():
-    # KIVI layout: K scales per channel per block of block_size tokens, V scales per group of a token
+    # V scales per group of a token; int8's K the same, fp8's and int4's K per channel per block (KIVI)
     shape = KVShape(32, 8, 128)
     codes = 2 * 32 * 8 * 128 * 1000  # one byte per value at 8 bits
-    k_scales = 32 * 8 * 128 * -(-1000 // 16) * 2  # 63 blocks of 16 (the last one started)
     v_scales = 32 * 8 * 1000 * (128 // 64) * 2
     int8 = kv_bytes(shape, 1000, 1, "int8")
-    assert int8.total_bytes == codes + k_scales + v_scales
-    assert kv_bytes(shape, 1000, 1, "fp8").total_bytes == int8.total_bytes
-    assert kv_bytes(shape, 1024, 1, "int8", block_size=64).bytes_per_element == pytest.approx(1 + 2 / 64)
+    assert int8.total_bytes == codes + 2 * v_scales
+    assert kv_bytes(shape, 1024, 1, "int8", block_size=7).bytes_per_element == pytest.approx(1 + 2 / 64)
+    k_params = 32 * 8 * 128 * -(-1000 // 16) * 4  # fp16 scale + zero point; 63 blocks of 16 (the last one started)
+    assert kv_bytes(shape, 1000, 1, "fp8").total_bytes == codes + v_scales + k_params
     int4 = kv_bytes(shape, 1024, 1, "int4", block_size=32)  # 16 packed bytes + fp16 scale + fp16 zero per 32
     assert int4.total_bytes == 2 * 32 * 8 * 128 * 1024 // 32 * (16 + 4)
     assert int4.bytes_per_element == pytest.approx(0.625)

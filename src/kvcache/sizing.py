@@ -4,9 +4,10 @@
 
 with three refinements a real cache needs:
 
-* quantized element formats pay for their packing and scales, laid out as the engine stores them
-  (KIVI: keys per channel, values per token): a key's scale (and zero point) covers one channel of
-  one block of ``block_size`` tokens, a value's covers ``group_size`` values of one token;
+* quantized element formats pay for their packing and scales, laid out as the engine stores them:
+  a value's scale (and zero point) covers ``group_size`` values of one token; a key's covers either
+  the same (int8, after a Hadamard rotation that spreads the outlier channels) or one channel of one
+  block of ``block_size`` tokens (fp8 and int4, KIVI; scale and zero point);
 * hybrid sliding-window models keep only ``min(seq_len, window)`` tokens on their sliding layers;
 * MLA models (DeepSeek-V2/V3) cache one latent vector of ``kv_lora_rank + qk_rope_head_dim``
   values per token per layer instead of ``2 x kv_heads x head_dim``.
@@ -29,8 +30,11 @@ class KVDtype:
     name: str
     bits: int
     default_group_size: int | None  # values of one token per value scale; None: no scales (plain float)
-    scale_bytes: int  # bytes of scale (+ zero point) stored per group
+    scale_bytes: int  # bytes of scale (+ zero point) stored per value group
     note: str
+    keys_per_channel: bool = False  # key params per channel per block (else per token group, like values)
+    key_scale_bytes: int = 0  # bytes of a key group's params (0: the same as a value group's)
+    default_block_size: int = 16  # tokens per block when none is asked for
 
 
 KV_DTYPES: dict[str, KVDtype] = {
@@ -39,10 +43,12 @@ KV_DTYPES: dict[str, KVDtype] = {
         KVDtype("fp32", 32, None, 0, "IEEE float32"),
         KVDtype("fp16", 16, None, 0, "IEEE float16"),
         KVDtype("bf16", 16, None, 0, "bfloat16"),
-        KVDtype("fp8", 8, 64, 2, "e4m3 with fp16 scales: K per channel per block, V per group of a token"),
-        KVDtype("int8", 8, 64, 2, "symmetric, fp16 scales: K per channel per block, V per group of a token"),
+        KVDtype("fp8", 8, 64, 2, "e4m3; V: fp16 scale per group of a token; K: fp16 scale + zero point "
+                "per channel per block", keys_per_channel=True, key_scale_bytes=4),
+        KVDtype("int8", 8, 64, 2, "symmetric, fp16 scales per group of a token (K Hadamard-rotated)"),
         KVDtype("int4", 4, 32, 4, "asymmetric, two values a byte, fp16 scale + fp16 zero point: "
-                "K per channel per block, V per group of a token"),
+                "K per channel per block, V per group of a token", keys_per_channel=True,
+                default_block_size=32),  # a key's scale + zero per channel: 1 bit a key at 32 tokens, 2 at 16
     )
 }
 DTYPE_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16",
@@ -91,7 +97,7 @@ class KVShape:
 
     @classmethod
     def from_model_config(cls, config: ModelConfig) -> "KVShape":
-        windows = (config.sliding_window,) * config.num_layers if config.sliding_window else ()
+        windows = config.windows if any(w is not None for w in config.windows) else ()
         return cls(config.num_layers, config.num_kv_heads, config.head_dim, windows)
 
 
@@ -113,7 +119,8 @@ def layer_bytes(shape: KVShape, tokens: int, dtype: KVDtype, group_size: int | N
 
         codes    tokens x 2 x kv_heads x head_dim x bits / 8
         V scales tokens x kv_heads x (head_dim / group_size) x scale_bytes         (per token)
-        K scales ceil(tokens / block_size) x kv_heads x head_dim x scale_bytes     (per channel per block)
+        K scales the same as V's (int8), or, with keys per channel (fp8, int4):
+                 ceil(tokens / block_size) x kv_heads x head_dim x key_scale_bytes (per channel per block)
 
     An MLA layer quantizes its latent vector per token, like V.
     """
@@ -123,8 +130,11 @@ def layer_bytes(shape: KVShape, tokens: int, dtype: KVDtype, group_size: int | N
         latent = shape.mla_latent_dim
         return tokens * (latent * dtype.bits // 8 + latent // group_size * dtype.scale_bytes)
     heads, hd = shape.num_kv_heads, shape.head_dim
+    key_scale_bytes = dtype.key_scale_bytes or dtype.scale_bytes
     per_token = 2 * heads * hd * dtype.bits // 8 + heads * (hd // group_size) * dtype.scale_bytes
-    return tokens * per_token + -(-tokens // block_size) * heads * hd * dtype.scale_bytes
+    if not dtype.keys_per_channel:
+        return tokens * (per_token + heads * (hd // group_size) * key_scale_bytes)
+    return tokens * per_token + -(-tokens // block_size) * heads * hd * key_scale_bytes
 
 
 @dataclass(frozen=True)
@@ -151,18 +161,20 @@ class KVEstimate:
 
 
 def kv_bytes(shape: KVShape, seq_len: int, batch: int = 1, dtype: str = "fp16",
-             group_size: int | None = None, block_size: int = 16) -> KVEstimate:
+             group_size: int | None = None, block_size: int | None = None) -> KVEstimate:
     """Bytes of KV cache for ``batch`` sequences of ``seq_len`` tokens each.
 
     Exact to the byte for the formats in ``KV_DTYPES`` as the engine lays them out (see
     :func:`layer_bytes`): sliding layers count min(seq_len, window) tokens, quantized formats include
-    their packed bytes and their scales (keys' scales per ``block_size``-token block).
+    their packed bytes and their scales (keys' scales per ``block_size``-token block; default: the
+    format's own block size, as the engine's).
     """
     if seq_len < 1 or batch < 1:
         raise ValueError(f"seq_len and batch must be at least 1, got {seq_len} and {batch}.")
+    fmt = kv_dtype(dtype)
+    block_size = fmt.default_block_size if block_size is None else block_size
     if block_size < 1:
         raise ValueError(f"block_size must be at least 1, got {block_size}.")
-    fmt = kv_dtype(dtype)
     group = group_size_for(fmt, shape.head_dim if shape.mla_latent_dim is None else shape.mla_latent_dim,
                            group_size)
     total = 0
@@ -225,11 +237,13 @@ def preset(name: str) -> ModelPreset:
 
 
 def count_params(config: ModelConfig) -> int:
-    """Parameters of a llama-family decoder (embeddings, attention, SwiGLU MLP, norms, head)."""
+    """Parameters of a llama-family or Gemma-3 decoder (embeddings, attention, gated MLP, norms, head;
+    Gemma-3 adds two norms per layer and a q and k norm per head)."""
     h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if config.attention_bias else 0) + \
         (h if config.output_bias else 0)
-    per_layer = attention + 3 * h * config.intermediate_size + 2 * h
+    norms = 4 * h + 2 * config.head_dim if config.architecture == "gemma3" else 2 * h
+    per_layer = attention + 3 * h * config.intermediate_size + norms
     head = 0 if config.tie_word_embeddings else config.vocab_size * h
     return config.vocab_size * h + config.num_layers * per_layer + h + head
 

@@ -4,14 +4,16 @@ Each group (see :mod:`kvcache.cache.spec`) owns one byte buffer, sized exactly a
 counts it, carved into typed regions that all have the block dimension third:
 
     plain (fp32/bf16/fp16)   k, v        [layers, kv_heads, num_blocks, block_size, head_dim]
-    quantized (fp8/int8/int4, KIVI grouping)
+    quantized (fp8/int8/int4)
         k_codes, v_codes                 [layers, kv_heads, num_blocks, block_size, code_width]
-        k_scale (+ k_zero for int4)      [layers, kv_heads, num_blocks, head_dim]   per channel per block
-        v_scale (+ v_zero for int4)      [layers, kv_heads, num_blocks, block_size, head_dim / group]
+        v_scale (+ v_zero for int4)      [layers, kv_heads, num_blocks, block_size, head_dim / group]   per token
+        k_scale (fp8, int8)              [layers, kv_heads, num_blocks, block_size, head_dim / group]   per token
+        k_scale + k_zero (int4)          [layers, kv_heads, num_blocks, head_dim]   per channel per block (KIVI)
 
 Head-major, so reading blocks gives [kv_heads, blocks, block_size, head_dim] with no transpose.
 A slot is ``block_id * block_size + offset``. Attention sees only a :class:`LayerCache`:
-``write(k, v, slot_mapping)``, ``read_blocks(block_ids, dtype)`` and ``dequantized()``; every
+``write(k, v, slot_mapping)``, ``read_blocks(block_ids, dtype)``, the decode reads ``key_scores``
+and ``weighted_values`` (which fold per-token scales into the matmuls) and ``dequantized()``; every
 read goes through the group's format, so a quantized cache's error shows in prefill as in decode.
 """
 
@@ -21,7 +23,7 @@ import math
 
 import torch
 
-from kvcache.cache.quant import SCALE_DTYPE, Codec, codec_for
+from kvcache.cache.quant import SCALE_DTYPE, Codec, codec_for, hadamard_rotation
 from kvcache.cache.spec import KVCacheGroup, page_group, pool_block_bytes
 from kvcache.sizing import group_size_for, kv_dtype
 
@@ -36,6 +38,10 @@ class LayerCache:
         self.group_id = group.group.group_id if group_id is None else group_id  # whose tables address it
         self.local_index = local_index
 
+    @property
+    def num_kv_heads(self) -> int:
+        return self.group.group.spec.num_kv_heads
+
     def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store keys and values [num_tokens, kv_heads, head_dim] at ``slot_mapping`` [num_tokens]."""
         self.group.write(self.local_index, k, v, slot_mapping)
@@ -47,6 +53,12 @@ class LayerCache:
     def read_keys(self, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Keys alone of these blocks, decoded: [kv_heads, len(ids), block_size, hd]."""
         return self.group.read_keys(self.local_index, block_ids, dtype)
+
+    def key_scores(self, queries: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        """q . k for every key of these blocks: queries [kv_heads, n, group, hd]; block_ids [n * W]
+        (W blocks per sequence) -> [kv_heads, n, group, W * block_size]. A quantized group with
+        per-token key scales applies them to the scores instead of decoding every key."""
+        return self.group.key_scores(self.local_index, queries, block_ids)
 
     def weighted_values(self, weights: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         """sum_t weights[..., t] x value_t over the blocks' first S tokens per sequence.
@@ -84,6 +96,7 @@ class GroupStorage:
             self.per_token[name] = per_token
             offset += size
         self.layers = [LayerCache(self, i) for i in range(len(group.layers))]
+        self._scratch: dict[str, torch.Tensor] = {}
 
     def layout(self) -> list[tuple[str, tuple[int, ...], torch.dtype, bool]]:
         """(name, shape, dtype, holds a value per token) of each region, widest dtype first."""
@@ -98,8 +111,29 @@ class GroupStorage:
     def read_keys(self, layer: int, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         raise NotImplementedError
 
+    def key_scores(self, layer: int, queries: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def weighted_values(self, layer: int, weights: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Reused memory for a decode read's temporaries, which never leave this object's methods.
+
+        A fresh tensor of tens of MB costs a page fault per 4 KiB on first touch (measured here: a
+        new 50 MB buffer takes ~10x as long to fill as a reused one), every layer of every step.
+        """
+        size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        buf = self._scratch.get(name)
+        if buf is None or buf.numel() < size:
+            buf = self._scratch[name] = torch.empty(size, dtype=torch.uint8, device=self.device)
+        return buf[:size].view(dtype).view(shape)
+
+    def gather(self, name: str, layer: int, block_ids: torch.Tensor) -> torch.Tensor:
+        """Region ``name`` of ``layer`` at these blocks, [heads, len(ids), ...], in scratch memory."""
+        region = self.regions[name][layer]
+        out = self.scratch(name, (region.shape[0], len(block_ids), *region.shape[2:]), region.dtype)
+        return torch.index_select(region, 1, block_ids, out=out)
 
     def _dims(self) -> tuple[int, int, int, int, int]:
         spec = self.group.spec
@@ -153,40 +187,57 @@ class PlainGroup(GroupStorage):
     def read_keys(self, layer, block_ids, dtype):
         return self.regions["k"][layer].index_select(1, block_ids).to(dtype)
 
+    def key_scores(self, layer, queries, block_ids):
+        heads, n, _, hd = queries.shape
+        keys = self.gather("k", layer, block_ids).to(queries.dtype).view(heads, n, -1, hd)  # [heads, n, W * bs, hd]
+        return torch.matmul(queries, keys.transpose(-1, -2))
+
     def weighted_values(self, layer, weights, block_ids):
         heads, n, _, length = weights.shape
-        values = self.regions["v"][layer].index_select(1, block_ids).to(weights.dtype)  # [heads, n * W, bs, hd]
+        values = self.gather("v", layer, block_ids).to(weights.dtype)  # [heads, n * W, bs, hd]
         return torch.matmul(weights, values.view(heads, n, -1, values.shape[-1])[:, :, :length])
 
 
 class QuantizedGroup(GroupStorage):
-    """fp8 / int8 / int4 codes with fp16 params: keys per channel over a block, values per token.
+    """fp8 / int8 / int4 codes with fp16 params. Values per token (groups of ``value_group``); keys
+    per token too after a Hadamard rotation (int8: its codec has no zero point, which the folded
+    ``key_scores`` relies on), or per channel over a block (fp8 with a zero point, int4; KIVI).
 
-    A key block's scale covers every token in it, so writing a token into a block re-encodes the
-    block's valid tokens (those before it, decoded, plus the new ones) with the statistics of all
-    of them. A scale that does not change re-encodes to the same codes; one that grows re-rounds
-    the earlier tokens once to the coarser grid.
+    A per-channel key scale covers every token of its block, so writing a token into a block
+    re-encodes the block's valid tokens (those before it, decoded, plus the new ones) with the
+    statistics of all of them. A scale that does not change re-encodes to the same codes; one that
+    grows re-rounds the earlier tokens once to the coarser grid.
     """
 
     def __init__(self, group: KVCacheGroup, num_blocks: int, block_size: int,
                  device: torch.device | str) -> None:
-        self.codec: Codec = codec_for(group.spec.kv_format)
-        self.value_group = group_size_for(kv_dtype(group.spec.kv_format), group.spec.head_dim, None)
+        fmt = kv_dtype(group.spec.kv_format)
+        self.codecs: dict[str, Codec] = {"k": codec_for(fmt.name, keys=True), "v": codec_for(fmt.name)}
+        self.value_group = group_size_for(fmt, group.spec.head_dim, None)
+        self.keys_per_channel = fmt.keys_per_channel
+        # per-token keys are stored rotated (k @ R), which spreads their outlier channels
+        self.rotation = None if self.keys_per_channel else hadamard_rotation(group.spec.head_dim).to(device)
         super().__init__(group, num_blocks, block_size, device)
         self._plan_slots: torch.Tensor | None = None
         self._plan: tuple[torch.Tensor, ...] = ()
 
     def layout(self):
         layers, heads, blocks, bs, hd = self._dims()
-        width, groups = self.codec.code_width(hd), hd // self.value_group
-        params = ("scale", "zero")[:self.codec.num_params]
-        return ([(f"k_{p}", (layers, heads, blocks, hd), SCALE_DTYPE, False) for p in params]
-                + [(f"v_{p}", (layers, heads, blocks, bs, groups), SCALE_DTYPE, True) for p in params]
-                + [("k_codes", (layers, heads, blocks, bs, width), self.codec.code_dtype, True),
-                   ("v_codes", (layers, heads, blocks, bs, width), self.codec.code_dtype, True)])
+        codec, groups = self.codecs["v"], hd // self.value_group
+        if self.keys_per_channel:
+            keys = [(f"k_{p}", (layers, heads, blocks, hd), SCALE_DTYPE, False) for p in self._names("k")]
+        else:
+            keys = [(f"k_{p}", (layers, heads, blocks, bs, groups), SCALE_DTYPE, True) for p in self._names("k")]
+        values = [(f"v_{p}", (layers, heads, blocks, bs, groups), SCALE_DTYPE, True) for p in self._names("v")]
+        return (keys + values
+                + [("k_codes", (layers, heads, blocks, bs, codec.code_width(hd)), codec.code_dtype, True),
+                   ("v_codes", (layers, heads, blocks, bs, codec.code_width(hd)), codec.code_dtype, True)])
+
+    def _names(self, kind: str) -> tuple[str, ...]:
+        return ("scale", "zero")[:self.codecs[kind].num_params]
 
     def _params(self, kind: str, layer: int) -> list[torch.Tensor]:
-        return [self.regions[f"{kind}_{p}"][layer] for p in ("scale", "zero")[:self.codec.num_params]]
+        return [self.regions[f"{kind}_{p}"][layer] for p in self._names(kind)]
 
     def _block_plan(self, slot_mapping: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Per step (shared by the group's layers): the touched blocks and which of their tokens count.
@@ -207,55 +258,119 @@ class QuantizedGroup(GroupStorage):
         return self._plan
 
     def write(self, layer, k, v, slot_mapping):
-        _, heads, blocks, bs, hd = self._dims()
-        codec = self.codec
+        if self.keys_per_channel:
+            self._write_channel_keys(layer, k, slot_mapping)
+        else:
+            self._write_per_token("k", layer, k.float() @ self.rotation, slot_mapping)
+        self._write_per_token("v", layer, v, slot_mapping)
+
+    def _write_channel_keys(self, layer: int, k: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Re-encode every touched block, per channel, over its valid tokens."""
+        codec = self.codecs["k"]
         touched, rows, offsets, keep_old, valid = self._block_plan(slot_mapping)
-        # keys: re-encode every touched block, per channel, over its valid tokens
-        old, _ = self.read_blocks(layer, touched, torch.float32)  # [heads, nb, bs, hd]
+        old = self.read_keys(layer, touched, torch.float32)  # [heads, nb, bs, hd]
         old = torch.where(keep_old[None, :, :, None], old, 0.0)
         old[:, rows, offsets] = k.transpose(0, 1).float()  # k [T, heads, hd]
         codes, params = codec.encode(old, dim=2, valid=valid[None, :, :, None])
         self.regions["k_codes"][layer].index_copy_(1, touched, codec.pack(codes))
         for region, p in zip(self._params("k", layer), params):
             region.index_copy_(1, touched, p.squeeze(2))  # [heads, nb, hd]
-        # values: encode each token's groups of value_group
-        tokens = v.shape[0]
-        grouped = v.transpose(0, 1).float().reshape(heads, tokens, hd // self.value_group, self.value_group)
+
+    def _write_per_token(self, kind: str, layer: int, x: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Encode each token's groups of ``value_group`` values: x [T, heads, hd]."""
+        _, heads, blocks, bs, hd = self._dims()
+        codec, tokens = self.codecs[kind], x.shape[0]
+        grouped = x.transpose(0, 1).float().reshape(heads, tokens, hd // self.value_group, self.value_group)
         codes, params = codec.encode(grouped, dim=-1)
-        flat = self.regions["v_codes"][layer].view(heads, blocks * bs, -1)
+        flat = self.regions[f"{kind}_codes"][layer].view(heads, blocks * bs, -1)
         flat.index_copy_(1, slot_mapping, codec.pack(codes.view(heads, tokens, hd)))
-        for region, p in zip(self._params("v", layer), params):
+        for region, p in zip(self._params(kind, layer), params):
             region.view(heads, blocks * bs, -1).index_copy_(1, slot_mapping, p.squeeze(-1))
 
+    def _planes(self, kind: str, layer: int, block_ids: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """Raw codes of these blocks as the codec's planes, each [heads, m, bs, hd / planes], in scratch memory."""
+        return self.codecs[kind].planes(self.gather(f"{kind}_codes", layer, block_ids), dtype, self.scratch)
+
+    def _block_params(self, kind: str, layer: int, block_ids: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """(scale x unit, zero) of these blocks in ``dtype``: [heads, m, bs, G] per token or [heads, m, hd] per channel."""
+        params = [p.index_select(1, block_ids).to(dtype) for p in self._params(kind, layer)]
+        params[0] *= self.codecs[kind].unit
+        return params
+
+    def _decode(self, kind: str, layer: int, block_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Keys or values of these blocks, decoded into new memory: [heads, m, bs, hd] (keys as stored: rotated)."""
+        codes = self.codecs[kind].raw(self.regions[f"{kind}_codes"][layer].index_select(1, block_ids), dtype)
+        params = self._block_params(kind, layer, block_ids, dtype)
+        if kind == "k" and self.keys_per_channel:
+            params = [p.unsqueeze(2) for p in params]  # [heads, m, 1, hd]
+        else:
+            heads, m, bs, hd = codes.shape
+            codes = codes.view(heads, m, bs, -1, self.value_group)  # [heads, m, bs, G, g]
+            params = [p.unsqueeze(-1) for p in params]  # [heads, m, bs, G, 1]
+        out = codes.mul_(params[0])
+        return (out.add_(params[1]) if len(params) > 1 else out).flatten(3)
+
     def read_blocks(self, layer, block_ids, dtype):
-        heads, hd, g = self.group.spec.num_kv_heads, self.group.spec.head_dim, self.value_group
-        codec = self.codec
-        v_codes = codec.unpack(self.regions["v_codes"][layer].index_select(1, block_ids))
-        m, bs = v_codes.shape[1], v_codes.shape[2]
-        v_params = tuple(p.index_select(1, block_ids).unsqueeze(-1) for p in self._params("v", layer))
-        values = codec.decode(v_codes.view(heads, m, bs, hd // g, g), v_params, dtype).view(heads, m, bs, hd)
-        return self.read_keys(layer, block_ids, dtype), values
+        return self.read_keys(layer, block_ids, dtype), self._decode("v", layer, block_ids, dtype)
 
     def read_keys(self, layer, block_ids, dtype):
-        codec = self.codec
-        k_codes = codec.unpack(self.regions["k_codes"][layer].index_select(1, block_ids))  # [heads, m, bs, hd]
-        k_params = tuple(p.index_select(1, block_ids).unsqueeze(2) for p in self._params("k", layer))
-        return codec.decode(k_codes, k_params, dtype)
+        keys = self._decode("k", layer, block_ids, dtype)
+        return keys if self.keys_per_channel else keys @ self.rotation.T.to(dtype)  # k = (k @ R) @ R^T
+
+    def key_scores(self, layer, queries, block_ids):
+        """Scales folded into the products instead of decoding every key:
+        per token (int8, rotated): q . k_t = sum_G scale_tG ((q @ R)_G . code_tG)
+        per channel (fp8, int4):   q . k_t = (q x scale_b) . code_t + q . zero_b   for t in block b
+        """
+        heads, n, group, hd = queries.shape
+        planes = self._planes("k", layer, block_ids, queries.dtype)  # each [heads, n * W, bs, hd / planes]
+        params = self._block_params("k", layer, block_ids, queries.dtype)
+        width, bs = planes[0].shape[-1], planes[0].shape[2]
+        if self.keys_per_channel:
+            q = queries.unsqueeze(2)  # [heads, n, 1, group, hd]
+            scale = params[0].view(heads, n, -1, 1, hd)  # [heads, n, W, 1, hd]
+            scaled = torch.mul(q, scale, out=self.scratch("q", (heads, n, scale.shape[2], group, hd), q.dtype))
+            scores = sum(torch.matmul(scaled[..., i * width:(i + 1) * width],
+                                      plane.view(heads, n, -1, bs, width).transpose(-1, -2))
+                         for i, plane in enumerate(planes))  # [heads, n, W, group, bs]
+            if len(params) > 1:
+                scores += torch.matmul(q, params[1].view(heads, n, -1, hd, 1))  # [heads, n, W, group, 1]
+            return scores.transpose(2, 3).reshape(heads, n, group, -1)  # [heads, n, group, W * bs]
+        g = self.value_group
+        queries = queries @ self.rotation.to(queries.dtype)  # q . k = (q @ R) . (k @ R), R orthonormal
+        codes = planes[0] if len(planes) == 1 else torch.cat(planes, -1)
+        codes = codes.view(heads, n, -1, hd // g, g)  # [heads, n, S, G, g]
+        scale = params[0].view(heads, n, 1, -1, hd // g)  # [heads, n, 1, S, G]
+        if hd // g == 1:  # one group per token: one matmul, then the per-token scales
+            return torch.matmul(queries, codes.view(heads, n, -1, hd).transpose(-1, -2)).mul_(scale[..., 0])
+        q = queries.reshape(heads, n, group, hd // g, g)
+        return torch.einsum("kngGc,knsGc->kngsG", q, codes).mul_(scale).sum(-1)  # [heads, n, group, S]
 
     def weighted_values(self, layer, weights, block_ids):
-        """With v = code x scale (+ zero) per token group: sum_t w_t v_t = (w x scale) @ codes (+ w @ zero)."""
+        """With v = code x scale (+ zero) per token group: sum_t w_t v_t = (w x scale) @ codes (+ w @ zero),
+        plane by plane (int4's nibble halves are read as two contiguous planes, never interleaved)."""
         heads, n, group, length = weights.shape
-        hd, g = self.group.spec.head_dim, self.value_group
-        dtype = weights.dtype
-        codes = self.codec.unpack(self.regions["v_codes"][layer].index_select(1, block_ids)).to(dtype)
-        codes = codes.view(heads, n, -1, hd // g, g)[:, :, :length]  # [heads, n, S, G, g]
-        params = [p.index_select(1, block_ids).to(dtype).view(heads, n, -1, hd // g)[:, :, :length]
-                  for p in self._params("v", layer)]  # each [heads, n, S, G]
-        scaled = weights.unsqueeze(-1) * params[0].unsqueeze(2)  # [heads, n, group, S, G]
-        out = torch.einsum("kngsG,knsGc->kngGc", scaled, codes)  # [heads, n, group, G, g]
-        if len(params) > 1:  # int4's zero point: + sum_t w_t zero_t
-            out += torch.einsum("kngs,knsG->kngG", weights, params[1]).unsqueeze(-1)
-        return out.reshape(heads, n, group, hd)
+        g = self.value_group
+        planes = self._planes("v", layer, block_ids, weights.dtype)  # each [heads, n * W, bs, hd / planes]
+        if planes[0].shape[-1] % g:  # a group spans planes: join them
+            planes = [torch.cat(planes, -1)]
+        width = planes[0].shape[-1]
+        per_plane = width // g  # scale groups in one plane
+        params = [p.view(heads, n, -1, p.shape[-1])[:, :, :length]  # each [heads, n, S, G]
+                  for p in self._block_params("v", layer, block_ids, weights.dtype)]
+        outs = []
+        for i, plane in enumerate(planes):
+            groups = slice(i * per_plane, (i + 1) * per_plane)
+            codes = plane.view(heads, n, -1, width)[:, :, :length]  # [heads, n, S, width]
+            scaled = weights.unsqueeze(3) * params[0][..., groups].transpose(2, 3).unsqueeze(2)  # [.., group, G', S]
+            # every row's products with every group's codes, then each group's own: G' x the flops of
+            # one small matmul, but the codes are read where they lie (an einsum would copy them)
+            out = torch.matmul(scaled.reshape(heads, n, group * per_plane, -1), codes)
+            out = out.view(heads, n, group, per_plane, per_plane, g).diagonal(dim1=3, dim2=4)  # [.., group, g, G']
+            if len(params) > 1:  # int4's zero point: + sum_t w_t zero_t
+                out = out + torch.matmul(weights, params[1][..., groups]).unsqueeze(3)  # [.., group, 1, G']
+            outs.append(out.transpose(3, 4).reshape(heads, n, group, width))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, -1)  # [heads, n, group, hd]
 
 
 class KVCache:

@@ -151,13 +151,12 @@ def _batched_decode(q: torch.Tensor, cache: LayerCache, tables: torch.Tensor, se
     n, heads, hd = q.shape
     width = -(-max(seq_lens) // block_size)
     flat = tables[:, :width].flatten()  # [n * width] block ids
-    keys = cache.read_keys(flat, q.dtype)  # [kv_heads, n * width, block_size, hd]
-    kv_heads = keys.shape[0]
-    keys = keys.view(kv_heads, n, -1, hd)  # [kv_heads, n, S, hd]
-    if mask is None:
-        keys = keys[:, :, :seq_lens[0]]
+    kv_heads = cache.num_kv_heads
     grouped = q.view(n, kv_heads, heads // kv_heads, hd).transpose(0, 1)  # [kv_heads, n, group, hd]
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float() * scale  # [kv_heads, n, group, S]
+    scores = cache.key_scores(grouped, flat)  # [kv_heads, n, group, width * block_size]
+    if mask is None:
+        scores = scores[..., :seq_lens[0]]
+    scores = scores.float() * scale  # [kv_heads, n, group, S]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1).to(q.dtype)

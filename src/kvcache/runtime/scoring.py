@@ -21,6 +21,7 @@ import torch
 
 from kvcache.models.llama import LlamaForCausalLM
 from kvcache.runtime.reference import logits_without_cache
+from kvcache.sizing import kv_dtype
 
 ROWS_PER_CHUNK = 256  # logits rows turned into log-probabilities at once (bounds the memory)
 
@@ -79,8 +80,11 @@ def score_logits(logits: torch.Tensor, window: list[int], ref_logits: torch.Tens
     return Score(len(targets), nll, kld if has_ref else None, agree if has_ref else None)
 
 
-def window_logits(model: LlamaForCausalLM, window: list[int], kv_format: str, block_size: int = 16) -> torch.Tensor:
-    """Logits of every position but the last, [len(window) - 1, vocab], with the cache in ``kv_format``."""
+def window_logits(model: LlamaForCausalLM, window: list[int], kv_format: str,
+                  block_size: int | None = None) -> torch.Tensor:
+    """Logits of every position but the last, [len(window) - 1, vocab], with the cache in ``kv_format``
+    in blocks of ``block_size`` tokens (default: the format's, as the engine's)."""
+    block_size = kv_dtype(kv_format).default_block_size if block_size is None else block_size
     return logits_without_cache(model, window, block_size, kv_format)[:-1]
 
 
