@@ -316,6 +316,20 @@ class SpeculativeConfig:
                  f"The n-gram sizes must satisfy 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}.")
 
 
+def speculative_config(method: str | SpeculativeConfig | None, num_tokens: int | None,
+                       draft_model: str | None) -> SpeculativeConfig | None:
+    """Speculative decoding settings from the engine's keyword arguments (None: off); ``method``
+    may also be a whole :class:`SpeculativeConfig`."""
+    if isinstance(method, SpeculativeConfig) and num_tokens is None and draft_model is None:
+        return method
+    if method is None:
+        _require(num_tokens is None and draft_model is None,
+                 "num_speculative_tokens and draft_model need speculative='ngram' or 'draft' "
+                 "(--speculative ngram|draft).")
+        return None
+    return SpeculativeConfig(method, 4 if num_tokens is None else num_tokens, draft_model)
+
+
 def parse_model_dtype(dtype: str) -> str:
     """Return the canonical model dtype name, or raise a clear ValueError."""
     aliases = {"float32": "float32", "fp32": "float32", "f32": "float32",

@@ -166,13 +166,16 @@ class KVCacheManager:
         """Real blocks of ``table`` that no query from ``position`` on can see."""
         return [b for b in table[:self.first_live_block(group, position)] if b != NULL_BLOCK]
 
-    def allocate_slots(self, seq: CachedSequence, num_new_tokens: int, hit: PrefixHit | None = None) -> bool:
+    def allocate_slots(self, seq: CachedSequence, num_new_tokens: int, hit: PrefixHit | None = None,
+                       num_provisional: int = 0) -> bool:
         """Make room for ``num_new_tokens`` more tokens of KV in every group; False (and no change)
         if it cannot. Blocks a sliding window has left behind go back to the pool first.
 
         ``hit`` is a :meth:`find_cached_prefix` result for a sequence holding no blocks yet: its
         blocks are taken (reference +1) and start the tables, and ``seq.num_computed_tokens`` is
-        advanced past them.
+        advanced past them. The last ``num_provisional`` new tokens are speculative drafts (not in
+        ``all_token_ids``): they get slots, but no block holding one is registered by prefix hash
+        (see :meth:`rollback`).
         """
         if not self.can_allocate(seq, num_new_tokens, hit):
             return False
@@ -195,7 +198,7 @@ class KVCacheManager:
             missing = self.blocks_for(end) - len(table)
             if missing > 0:
                 table.extend(self.pool.allocate(missing))
-        self._register_full_blocks(seq, end)
+        self._register_full_blocks(seq, end - num_provisional)
         return True
 
     def _release_outside_window(self, table: list[int], group: int, position: int) -> None:
@@ -240,17 +243,20 @@ class KVCacheManager:
         self.pool.release([shared])
         table[-1] = private
 
-    def _register_full_blocks(self, seq: CachedSequence, num_tokens_with_kv: int) -> None:
+    def _register_full_blocks(self, seq: CachedSequence, num_tokens_with_kv: int,
+                              first_token: int | None = None) -> None:
         """Make blocks that become full in this step findable by prefix hash, in every group.
 
         Blocks full before this step were registered when they filled (or came from the prefix
-        cache), so only blocks from the one holding ``num_computed_tokens`` on are looked at.
+        cache), so only blocks from the one holding ``first_token`` (default ``num_computed_tokens``)
+        on are looked at.
         """
         if not self.pool.enable_prefix_caching:
             return
         self._update_hashes(seq, num_tokens_with_kv)
+        first = seq.num_computed_tokens if first_token is None else first_token
         for g, table in enumerate(seq.block_tables):
-            for i in range(seq.num_computed_tokens // self.block_size, num_tokens_with_kv // self.block_size):
+            for i in range(first // self.block_size, num_tokens_with_kv // self.block_size):
                 self.pool.register(table[i], seq.block_hashes[i], g)
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
@@ -279,6 +285,17 @@ class KVCacheManager:
             child_table.extend(parent_table)
         child.block_hashes[:] = parent.block_hashes
         child.num_computed_tokens = parent.num_computed_tokens
+
+    def rollback(self, seq: CachedSequence, num_tokens: int, verified_from: int) -> None:
+        """After verifying drafts: keep KV for the first ``num_tokens`` tokens (all verified now),
+        free whole blocks past them, and make the blocks that filled with verified tokens since
+        position ``verified_from`` (this step's first draft) findable by prefix hash.
+
+            written this step:  [ ... t | d1 d2 d3 d4 ]     verified: d1 d2 (and t)
+            kept:               [ ... t   d1 d2 ]           d3 d4's slots are past the end
+        """
+        self.truncate(seq, num_tokens)
+        self._register_full_blocks(seq, num_tokens, first_token=verified_from)
 
     def truncate(self, seq: CachedSequence, num_tokens: int) -> None:
         """Keep KV for the first ``num_tokens`` tokens only (rollback); frees whole blocks past them.

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from kvcache.cli.errors import check_text
-from kvcache.config import SamplingParams, SchedulerConfig
+from kvcache.config import SamplingParams, SchedulerConfig, speculative_config
 from kvcache.sizing import DTYPE_ALIASES, parse_bytes
 
 MODEL_FORMATS = {"fp32": "float32", "bf16": "bfloat16"}
@@ -73,6 +73,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"],
                         help="when KV blocks run out, recompute a preempted request's KV later or swap it "
                              "to host memory (default: recompute)")
+    parser.add_argument("--speculative", choices=["ngram", "draft"],
+                        help="speculative decoding: ngram (prompt lookup: drafts copied from the prompt and "
+                             "output) or draft (a smaller model with the same vocabulary, --draft-model) "
+                             "(default: off)")
+    parser.add_argument("--num-speculative-tokens", type=int_between(1, 64), metavar="K",
+                        help="tokens drafted per step with --speculative, at least 1 (default: 4)")
+    parser.add_argument("--draft-model", metavar="PATH", help="the draft model for --speculative draft")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -98,6 +105,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_memory": parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
         "enable_prefix_caching": not args.no_prefix_caching,
         "max_model_len": args.max_model_len,
+        "speculative": speculative_config(args.speculative, args.num_speculative_tokens, args.draft_model),
         "scheduler_config": SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                             max_num_batched_tokens=args.max_num_batched_tokens,
                                             preemption_mode=args.preemption_mode),

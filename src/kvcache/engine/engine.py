@@ -14,10 +14,12 @@ from kvcache.cache.block_pool import BlockPool
 from kvcache.cache.kv_manager import NULL_BLOCK, KVCacheManager
 from kvcache.cache.spec import group_layers, layer_specs, num_blocks_for_budget, resolve_kv_cache_dtype
 from kvcache.cache.storage import KVCache
-from kvcache.config import CacheConfig, SamplingParams, SchedulerConfig, is_text, parse_model_dtype
+from kvcache.config import (CacheConfig, SamplingParams, SchedulerConfig, SpeculativeConfig, is_text,
+                            parse_model_dtype, speculative_config)
 from kvcache.engine.detokenizer import IncrementalDetokenizer
 from kvcache.engine.request import Request, RequestStatus
 from kvcache.engine.scheduler import Scheduler
+from kvcache.engine.speculative import SpecCounters, make_drafter, verify
 from kvcache.models.llama import LlamaForCausalLM
 from kvcache.models.loader import LoadedModel, load_model
 from kvcache.runtime.runner import ModelRunner
@@ -92,11 +94,14 @@ class LLMEngine:
                  num_blocks: int | None = None, kv_cache_memory: int | str | None = None,
                  enable_prefix_caching: bool = True, scheduler_config: SchedulerConfig | None = None,
                  max_model_len: int | None = None, device: str | None = None,
-                 loaded: LoadedModel | None = None, kv_cache_dtype: str = "auto") -> None:
+                 loaded: LoadedModel | None = None, kv_cache_dtype: str = "auto",
+                 speculative: str | SpeculativeConfig | None = None, num_speculative_tokens: int | None = None,
+                 draft_model: str | None = None) -> None:
         if isinstance(kv_cache_memory, str):
             kv_cache_memory = parse_bytes(kv_cache_memory)
         self.cache_config = CacheConfig(block_size, num_blocks, kv_cache_memory, enable_prefix_caching)
         self.scheduler_config = scheduler_config or SchedulerConfig()
+        self.speculative_config = speculative_config(speculative, num_speculative_tokens, draft_model)
         self.dtype = parse_model_dtype(dtype)
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)  # fp32 ... int4
         self.device = torch.device(device) if device else default_device()
@@ -116,6 +121,8 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool, block_size, tuple(g.spec.window for g in self.kv_groups))
         self.scheduler = Scheduler(self.scheduler_config, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.model, self.storage)
+        self.drafter = make_drafter(self.speculative_config)
+        self.spec = SpecCounters()
         self._groups: dict[str, _Group] = {}
         self._requests: dict[str, Request] = {}
         self._generators: dict[str, torch.Generator] = {}
@@ -207,6 +214,8 @@ class LLMEngine:
                 self.scheduler.finish(request, reason)
 
     def _forget(self, request: Request) -> None:
+        if self.drafter is not None:
+            self.drafter.forget(request.request_id)
         self._requests.pop(request.request_id, None)
         self._generators.pop(request.request_id, None)
         self.runner.drop_host_blocks(request.request_id)
@@ -223,18 +232,18 @@ class LLMEngine:
             return []
         output = self.runner.execute(plan)
         due = self.scheduler.step_done()
-        rows = {rid: i for i, rid in enumerate(output.request_ids)}
+        rows = output.rows()
         touched: dict[str, _Group] = {}
         now = time.monotonic()
         for request in due:
-            logits = output.logits[rows[request.request_id]]
+            logits = rows[request.request_id]  # [1 + drafts verified, vocab]
             group = self._groups[request.request_id.rsplit("#", 1)[0]]
             touched[group.request_id] = group
             if group.error is not None:
                 continue
             try:
                 for sample_request in self._fork_if_first(group, request):
-                    self._append_token(group, sample_request, logits, now)
+                    self._append_tokens(group, sample_request, logits, now)
             except Exception as err:  # this request alone ends; the batch goes on
                 log.exception("request %s failed in a step and was ended alone", group.request_id)
                 group.error = f"The engine failed on this request ({type(err).__name__})."
@@ -260,17 +269,33 @@ class LLMEngine:
             self.scheduler.add_running(child)
         return group.samples
 
-    def _append_token(self, group: _Group, request: Request, logits: torch.Tensor, now: float) -> None:
+    def _append_tokens(self, group: _Group, request: Request, logits: torch.Tensor, now: float) -> None:
+        """Sample (logits [1, V]) or verify drafts (logits [k + 1, V]) and append what is kept, one
+        token at a time, up to the first that finishes the request; then draft the next step's."""
         params = group.params
-        token = sample(logits.unsqueeze(0), [params], [self._generators[request.request_id]])[0]
-        if params.logprobs is not None:
-            request.output_logprobs.append(logprobs_of(logits, token, params.logprobs))
-        request.all_token_ids.append(token)
+        generator = self._generators[request.request_id]
+        num_spec = logits.shape[0] - 1
+        if num_spec:
+            tokens = verify(logits, request.spec_token_ids[:num_spec], params, generator)
+            self.spec.count(num_spec, len(tokens) - 1)
+            if self.drafter is not None:
+                self.drafter.observe(request.request_id, num_spec, len(tokens) - 1)
+        else:
+            tokens = sample(logits, [params], [generator])
         request.first_token_time = request.first_token_time or now
-        reason = self._stop_reason(group, request, token)
-        if reason is not None:
-            request.finish_time = now
-            self.scheduler.finish(request, reason)
+        for row, token in enumerate(tokens):
+            if params.logprobs is not None:
+                request.output_logprobs.append(logprobs_of(logits[row], token, params.logprobs))
+            request.all_token_ids.append(token)
+            reason = self._stop_reason(group, request, token)
+            if reason is not None:
+                request.finish_time = now
+                self.scheduler.finish(request, reason)
+                break
+        if num_spec:
+            self.scheduler.end_verification(request, num_spec)
+        if self.drafter is not None and not request.is_finished:
+            request.spec_token_ids = self.drafter.propose(request.request_id, request.all_token_ids)
 
     def _stop_reason(self, group: _Group, request: Request, token: int) -> str | None:
         params = group.params
@@ -403,6 +428,7 @@ class LLMEngine:
             "prefix_cache_hits": self.kv.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
             "fragmentation": (allocated_slots - filled) / allocated_slots if allocated_slots else 0.0,
+            **self.spec.stats(),
         }
 
 

@@ -8,6 +8,12 @@ Running requests keep their order of admission. When blocks run out, the most re
 request is preempted (recompute: its blocks are freed and it starts over, usually finding its own
 prefix in the cache; swap: its blocks are copied to host memory first). No new request is admitted
 in a step that preempted.
+
+Speculative drafts ride along with a decode: a request one token behind with drafts computes
+that token and its drafts in one query (k + 1 tokens), as far as the budget, its max_tokens and
+the context allow. Drafts never preempt anyone: if their blocks do not fit, the request decodes
+plainly. After verification the engine calls :meth:`Scheduler.end_verification`, which rolls the
+cache back past the last kept token.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
-        self._scheduled: list[tuple[Request, int]] = []
+        self._scheduled: list[tuple[Request, int, int]] = []  # (request, tokens, of which drafts)
 
     # --- admission --------------------------------------------------------------------------
 
@@ -65,7 +71,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
-        scheduled: list[tuple[Request, int]] = []
+        scheduled: list[tuple[Request, int, int]] = []
         swap_out: list[tuple[str, tuple[int, ...]]] = []
         swap_in: list[tuple[str, tuple[int, ...]]] = []
         preempted: list[str] = []
@@ -74,15 +80,21 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = self._chunk(request, request.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(request, num_new):
+            num_spec = self._num_spec(request, budget)
+            # drafts never preempt anyone: with fewer free blocks than requests left to run, or
+            # none for the drafts, the request decodes plainly
+            if num_spec and (self.kv.pool.num_free <= len(self.running) - i or not self.kv.allocate_slots(
+                    request, num_new + num_spec, num_provisional=num_spec)):
+                num_spec = 0
+            while not num_spec and not self.kv.allocate_slots(request, num_new):
                 victim = self.running.pop()
                 self._preempt(victim, swap_out)
                 preempted.append(victim.request_id)
                 if victim is request:
                     break
             else:
-                scheduled.append((request, num_new))
-                budget -= num_new
+                scheduled.append((request, num_new + num_spec, num_spec))
+                budget -= num_new + num_spec
                 i += 1
 
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -93,14 +105,14 @@ class Scheduler:
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled.append((request, num_new))
+            scheduled.append((request, num_new, 0))
             budget -= num_new
 
-        for request, _ in scheduled:
+        for request, _, _ in scheduled:
             request.peak_blocks = max(request.peak_blocks, self.kv.num_blocks_held(request))
         self._scheduled = scheduled
         return SchedulerOutput(
-            sequences=tuple(self._plan(r, n) for r, n in scheduled),
+            sequences=tuple(self._plan(r, n, s) for r, n, s in scheduled),
             block_copies=tuple(self.kv.take_pending_copies()),
             swap_out=tuple(swap_out),
             swap_in=tuple(swap_in),
@@ -109,6 +121,14 @@ class Scheduler:
 
     def _chunk(self, request: Request, computed: int, budget: int) -> int:
         return min(request.num_tokens - computed, budget, self.config.prefill_chunk)
+
+    def _num_spec(self, request: Request, budget: int) -> int:
+        """How many of the request's drafts to verify this step: only at a plain decode, inside the
+        budget, and never so many that the kept tokens could pass max_tokens or the context."""
+        if not request.spec_token_ids or request.num_computed_tokens != request.num_tokens - 1:
+            return 0
+        room = min(request.max_total_tokens, self.max_model_len) - request.num_tokens - 1
+        return max(0, min(len(request.spec_token_ids), room, budget - 1))
 
     def _admit(self, request: Request, budget: int, swap_in: list) -> int | None:
         """Give a waiting request its blocks; the number of tokens it computes now, or None."""
@@ -128,17 +148,20 @@ class Scheduler:
             request.num_cached_prompt_tokens = hit.num_blocks * self.kv.block_size
         return num_new
 
-    def _plan(self, request: Request, num_new: int) -> ScheduledSequence:
+    def _plan(self, request: Request, num_new: int, num_spec: int) -> ScheduledSequence:
         start = request.num_computed_tokens
+        tokens = request.all_token_ids[start:start + num_new - num_spec] + request.spec_token_ids[:num_spec]
         return ScheduledSequence(
             request_id=request.request_id,
-            token_ids=tuple(request.all_token_ids[start:start + num_new]),
+            token_ids=tuple(tokens),
             start_position=start,
             block_tables=tuple(tuple(table) for table in request.block_tables),
-            sample=start + num_new == request.num_tokens,
+            sample=start + num_new - num_spec == request.num_tokens,
+            num_spec_tokens=num_spec,
         )
 
     def _preempt(self, request: Request, swap_out: list) -> None:
+        request.spec_token_ids = []
         if self.config.preemption_mode == "swap" and request.num_computed_tokens > 0:
             swap_out.append((request.request_id, self.kv.blocks_to_save(request)))
             self.kv.free(request)
@@ -152,14 +175,30 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def step_done(self) -> list[Request]:
-        """Advance ``num_computed_tokens`` of everything scheduled; return those due a sample."""
+        """Advance ``num_computed_tokens`` of everything scheduled (drafts included); return those
+        due a sample (a verifying request's drafts are the first rows - 1 of its spec_token_ids)."""
         due = []
-        for request, num_new in self._scheduled:
+        for request, num_new, num_spec in self._scheduled:
             request.num_computed_tokens += num_new
-            if request.num_computed_tokens == request.num_tokens:
+            if request.num_computed_tokens == request.num_tokens + num_spec:
                 due.append(request)
         self._scheduled = []
         return due
+
+    def end_verification(self, request: Request, num_spec: int) -> None:
+        """After a step that verified ``num_spec`` drafts appended the tokens it kept: the cache
+        keeps KV for every token but the last (the next step's input) and drops the rest.
+
+            before:  computed = p + 1 + num_spec      tokens = p + 1 + kept
+            after:   computed = tokens - 1            (kept <= accepted drafts + 1)
+        """
+        request.spec_token_ids = []
+        if request.is_finished:
+            return  # its blocks are already back
+        verified_from = request.num_computed_tokens - num_spec
+        if request.num_tokens - 1 > request.num_computed_tokens:
+            raise RuntimeError(f"Request {request.request_id} kept more tokens than it verified.")
+        self.kv.rollback(request, request.num_tokens - 1, verified_from)
 
     def forget_step(self) -> None:
         """Drop the step in flight (its execution failed): nothing it scheduled advances."""
@@ -174,5 +213,6 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.kv.free(request)
+        request.spec_token_ids = []
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kvcache.config import SamplingParams
+from kvcache.config import SamplingParams, SpeculativeConfig
 from kvcache.runtime.sampler import probabilities
 
 
@@ -89,3 +89,67 @@ def verify(logits: torch.Tensor, drafts: Sequence[int], params: SamplingParams,
         if float(residual.sum()) > 0.0:  # else all of p was on the draft (a rounding miss): it stands
             return list(drafts[:i]) + [int(torch.multinomial(residual, 1, generator=generator))]
     return list(drafts) + [int(torch.multinomial(probs[len(drafts)], 1, generator=generator))]
+
+
+@dataclass
+class SpecCounters:
+    """Totals over the engine's life: drafts verified, drafts accepted, verification steps."""
+
+    drafted: int = 0
+    accepted: int = 0
+    verifications: int = 0
+
+    def count(self, drafted: int, accepted: int) -> None:
+        self.drafted += drafted
+        self.accepted += accepted
+        self.verifications += 1
+
+    def stats(self) -> dict[str, float | int]:
+        return {
+            "spec_drafted_tokens": self.drafted,
+            "spec_accepted_tokens": self.accepted,
+            "spec_verifications": self.verifications,
+            "spec_acceptance_rate": self.accepted / self.drafted if self.drafted else 0.0,
+            "spec_mean_accepted_length": self.accepted / self.verifications if self.verifications else 0.0,
+        }
+
+
+class NgramDrafter:
+    """Prompt-lookup drafts per request, with a back-off where they do not pay: after a
+    verification that kept none of its drafts a request waits before drafting again (1, 2, 4 ..
+    ``max_backoff`` steps), and one that keeps some starts afresh."""
+
+    def __init__(self, proposer: NgramProposer, max_backoff: int = 16) -> None:
+        self.proposer = proposer
+        self.max_backoff = max_backoff
+        self._backoff: dict[str, int] = {}  # request id -> steps to wait after the next miss
+        self._wait: dict[str, int] = {}  # request id -> steps left without drafts
+
+    def propose(self, request_id: str, token_ids: Sequence[int]) -> list[int]:
+        wait = self._wait.get(request_id, 0)
+        if wait:
+            self._wait[request_id] = wait - 1
+            return []
+        return self.proposer.propose(token_ids)
+
+    def observe(self, request_id: str, drafted: int, accepted: int) -> None:
+        """A verification of ``drafted`` drafts kept ``accepted`` of them."""
+        if accepted:
+            self._backoff.pop(request_id, None)
+            return
+        backoff = self._backoff.get(request_id, 1)
+        self._wait[request_id] = backoff
+        self._backoff[request_id] = min(2 * backoff, self.max_backoff)
+
+    def forget(self, request_id: str) -> None:
+        self._backoff.pop(request_id, None)
+        self._wait.pop(request_id, None)
+
+
+def make_drafter(config: SpeculativeConfig | None) -> NgramDrafter | None:
+    """The engine's drafter for ``config`` (None when speculation is off)."""
+    if config is None:
+        return None
+    if config.method == "ngram":
+        return NgramDrafter(NgramProposer(config.num_speculative_tokens, config.ngram_max, config.ngram_min))
+    raise ValueError(f"speculative={config.method!r} is not available in this build.")

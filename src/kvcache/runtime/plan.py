@@ -14,6 +14,12 @@ class ScheduledSequence:
     start_position: int  # tokens with KV before this step
     block_tables: tuple[tuple[int, ...], ...]  # per cache group: the block table for this step
     sample: bool  # True when this step reaches the end of the known tokens
+    num_spec_tokens: int = 0  # the last token_ids are drafts: a sampling sequence then gets logits
+    # for its last num_spec_tokens + 1 positions (the verification rows)
+
+    @property
+    def num_logit_rows(self) -> int:
+        return self.num_spec_tokens + 1 if self.sample else 0
 
     @property
     def seq_len(self) -> int:

@@ -14,8 +14,17 @@ from kvcache.runtime.plan import ScheduledSequence, SchedulerOutput
 
 @dataclass
 class ModelOutput:
-    request_ids: list[str]  # the sequences that asked to sample, in plan order
-    logits: torch.Tensor  # [len(request_ids), vocab] float32
+    request_ids: list[str]  # the sequences that asked to sample, in the runner's order
+    logits: torch.Tensor  # [sum(num_rows), vocab] float32, each sequence's rows together
+    num_rows: list[int]  # per sequence: 1, or k + 1 for a verification of k drafts
+
+    def rows(self) -> dict[str, torch.Tensor]:
+        """Each sampling sequence's logits: [num_rows, vocab]."""
+        out, start = {}, 0
+        for request_id, n in zip(self.request_ids, self.num_rows):
+            out[request_id] = self.logits[start:start + n]
+            start += n
+        return out
 
 
 class ModelRunner:
@@ -34,13 +43,14 @@ class ModelRunner:
         for request_id, block_ids in plan.swap_in:
             self.storage.write_blocks(list(block_ids), self.host_blocks.pop(request_id))
         if not plan.sequences:
-            return ModelOutput([], torch.empty(0, self.model.config.vocab_size))
+            return ModelOutput([], torch.empty(0, self.model.config.vocab_size), [])
         seqs = decodes_longest_first(plan.sequences)
         tokens, positions, meta = self.prepare(seqs)
         hidden = self.model(tokens, positions, meta, self.storage.layers)
-        last = torch.tensor(meta_last_indices(seqs), dtype=torch.long, device=self.device)
-        sampled = [s.request_id for s in seqs if s.sample]
-        return ModelOutput(sampled, self.model.compute_logits(hidden[last]))
+        rows = torch.tensor(logit_rows(seqs), dtype=torch.long, device=self.device)
+        sampled = [s for s in seqs if s.sample]
+        return ModelOutput([s.request_id for s in sampled], self.model.compute_logits(hidden[rows]),
+                           [s.num_logit_rows for s in sampled])
 
     def drop_host_blocks(self, request_id: str) -> None:
         self.host_blocks.pop(request_id, None)
@@ -103,11 +113,11 @@ def decodes_longest_first(seqs: tuple[ScheduledSequence, ...]) -> tuple[Schedule
     return tuple(decodes) + tuple(s for s in seqs if not is_decode(s))
 
 
-def meta_last_indices(seqs: tuple[ScheduledSequence, ...]) -> list[int]:
-    """Row of each sampling sequence's last token in the flat batch."""
+def logit_rows(seqs: tuple[ScheduledSequence, ...]) -> list[int]:
+    """Rows of the flat batch whose logits are wanted: each sampling sequence's last token, or its
+    last k + 1 tokens when it verifies k drafts."""
     rows, end = [], 0
     for s in seqs:
         end += len(s.token_ids)
-        if s.sample:
-            rows.append(end - 1)
+        rows.extend(range(end - s.num_logit_rows, end))
     return rows

@@ -17,11 +17,17 @@ GAUGES = {
     "kvcache_num_requests_running": ("num_requests_running", "Requests in the running batch."),
     "kvcache_num_requests_waiting": ("num_requests_waiting", "Requests waiting for admission."),
     "kvcache_kv_cache_fragmentation_ratio": ("fragmentation", "Allocated KV slots that hold no token."),
+    "kvcache_spec_acceptance_rate": ("spec_acceptance_rate", "Accepted / drafted speculative tokens so far."),
+    "kvcache_spec_mean_accepted_length": ("spec_mean_accepted_length",
+                                          "Drafts accepted per verification so far (mean)."),
 }
 COUNTERS = {  # prometheus-client adds the _total suffix
     "kvcache_prefix_cache_queries": ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
     "kvcache_prefix_cache_hits": ("prefix_cache_hits", "Prompt tokens found in the prefix cache."),
     "kvcache_num_preemptions": ("num_preemptions", "Requests preempted because KV blocks ran out."),
+    "kvcache_spec_drafted_tokens": ("spec_drafted_tokens", "Speculative draft tokens verified."),
+    "kvcache_spec_accepted_tokens": ("spec_accepted_tokens", "Speculative draft tokens accepted."),
+    "kvcache_spec_verifications": ("spec_verifications", "Steps that verified drafts, per request."),
 }
 
 

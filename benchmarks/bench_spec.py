@@ -1,0 +1,200 @@
+"""Speculative decoding (prompt lookup) against plain decoding and the peers' prompt lookup, same weights.
+
+    python benchmarks/bench_spec.py batch1 [--ks 2,3,4,5,6,7,8] [--peers hf,llamacpp] [--max-tokens 128]
+    python benchmarks/bench_spec.py concurrent [--concurrency 8,32] [--k 4]
+    python benchmarks/bench_spec.py chat [--k 4]
+
+batch1: one request at a time over the 21 input-grounded prompts (benchmarks/spec_workload.py), greedy,
+float32. Every system is timed from the outside the same way: generating 1 token gives the prefill time,
+generating up to --max-tokens (stopping at EOS) minus that gives the decode time of the other tokens;
+decode tokens/s = all prompts' decode tokens / all prompts' decode time. Our prefix cache is off, and
+llama.cpp's context is reset before every call, so no system reuses a prompt's KV between the calls.
+Peers: HF transformers generate(prompt_lookup_num_tokens=k) and llama-cpp-python's
+Llama(draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k)) on the same GGUF requantized to F32.
+concurrent: all prompts in one continuous batch (the 21 cycled up to the concurrency), output tokens/s
+with and without speculation. chat: the free-form set, batch 1 and concurrently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import cpu_description, hf_model
+from kvcache import SamplingParams
+from kvcache.config import SchedulerConfig, SpeculativeConfig
+from kvcache.engine.engine import LLMEngine
+from kvcache.models.loader import default_model_path, load_model
+from spec_workload import chat_messages, grounded_messages
+
+
+def encode_all(tokenizer, conversations) -> list[list[int]]:
+    return [tokenizer.encode(tokenizer.apply_chat_template(c, add_generation_prompt=True), add_special_tokens=False)
+            for c in conversations]
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class Ours:
+    def __init__(self, loaded, k: int | None, ngram_min: int) -> None:
+        spec = SpeculativeConfig("ngram", k, ngram_min=ngram_min) if k else None
+        self.engine = LLMEngine(loaded=loaded, num_blocks=512, enable_prefix_caching=False, speculative=spec)
+        self.name = f"kvcache ngram k={k}" if k else "kvcache (no speculation)"
+
+    def generate(self, ids: list[int], max_tokens: int) -> list[int]:
+        self.engine.add_request("b", ids, SamplingParams(max_tokens=max_tokens, temperature=0.0))
+        while True:
+            for out in self.engine.step():
+                if out.finished:
+                    return out.outputs[0].token_ids
+
+    def spec_stats(self) -> dict:
+        s = self.engine.stats()
+        return {k: s[k] for k in ("spec_drafted_tokens", "spec_accepted_tokens", "spec_verifications")}
+
+
+class HF:
+    def __init__(self, loaded, k: int | None, eos: list[int]) -> None:
+        self.model, self.k, self.eos = hf_model(loaded, torch.float32), k, eos
+        self.name = f"HF transformers prompt_lookup_num_tokens={k}" if k else "HF transformers (no speculation)"
+
+    def generate(self, ids: list[int], max_tokens: int) -> list[int]:
+        extra = {"prompt_lookup_num_tokens": self.k} if self.k else {}
+        with torch.inference_mode():
+            out = self.model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, do_sample=False,
+                                      eos_token_id=self.eos, pad_token_id=self.eos[0], **extra)
+        return out[0, len(ids):].tolist()
+
+    def spec_stats(self) -> dict:
+        return {}
+
+
+class LlamaCpp:
+    def __init__(self, path: Path, k: int | None, threads: int) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=k) if k else None
+        self.llm = Llama(model_path=str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                         draft_model=draft, verbose=False)
+        self.name = f"llama-cpp-python LlamaPromptLookupDecoding(num_pred_tokens={k})" if k else \
+            "llama-cpp-python (no speculation)"
+
+    def generate(self, ids: list[int], max_tokens: int) -> list[int]:
+        self.llm.reset()
+        tokens = []
+        for t in self.llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if self.llm.token_eos() == t or len(tokens) == max_tokens:
+                break
+            tokens.append(t)
+            if len(tokens) == max_tokens:
+                break
+        return tokens
+
+    def spec_stats(self) -> dict:
+        return {}
+
+
+def batch1(system, prompts: list[list[int]], max_tokens: int) -> dict:
+    """Decode tokens/s over every prompt, one request at a time (see the module docstring)."""
+    decode_time, decode_tokens, outputs = 0.0, 0, []
+    for ids in prompts:
+        ttft = timed(lambda: system.generate(ids, 1))
+        out = []
+        total = timed(lambda: out.extend(system.generate(ids, max_tokens)))
+        decode_time += max(total - ttft, 1e-9)
+        decode_tokens += len(out) - 1
+        outputs.append(out)
+    return {"system": system.name, "decode_tokens": decode_tokens, "decode_s": round(decode_time, 2),
+            "decode_tok_s": round(decode_tokens / decode_time, 2), **system.spec_stats(), "outputs": outputs}
+
+
+def concurrent(loaded, prompts, k: int | None, max_tokens: int, ngram_min: int) -> dict:
+    spec = SpeculativeConfig("ngram", k, ngram_min=ngram_min) if k else None
+    engine = LLMEngine(loaded=loaded, num_blocks=4096, speculative=spec,
+                       scheduler_config=SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=8192))
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    start = time.perf_counter()
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, params)
+    tokens = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                tokens += len(out.outputs[0].token_ids)
+    elapsed = time.perf_counter() - start
+    s = engine.stats()
+    return {"k": k, "requests": len(prompts), "output_tokens": tokens, "seconds": round(elapsed, 2),
+            "tok_s": round(tokens / elapsed, 2), "drafted": s["spec_drafted_tokens"],
+            "accepted": s["spec_accepted_tokens"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["batch1", "concurrent", "chat"])
+    ap.add_argument("--ks", default="2,3,4,5,6,7,8")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--peers", default="hf,llamacpp")
+    ap.add_argument("--peer-ks", default="4,8")
+    ap.add_argument("--concurrency", default="8,32")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--ngram-min", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=0, help="use only the first N prompts (0: all)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", metavar="FILE")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"# {cpu_description()}; torch threads {args.threads}", flush=True)
+    loaded = load_model()
+    tok = loaded.tokenizer
+    grounded = encode_all(tok, grounded_messages())
+    chat = encode_all(tok, chat_messages())
+    if args.prompts:
+        grounded, chat = grounded[:args.prompts], chat[:args.prompts]
+    results: list[dict] = []
+
+    def report(row: dict) -> None:
+        results.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "outputs"}), flush=True)
+
+    if args.what in ("batch1", "chat"):
+        prompts = grounded if args.what == "batch1" else chat
+        ks = [int(k) for k in args.ks.split(",")] if args.what == "batch1" else [args.k]
+        base = batch1(Ours(loaded, None, args.ngram_min), prompts, args.max_tokens)
+        report(base)
+        for k in ks:
+            row = batch1(Ours(loaded, k, args.ngram_min), prompts, args.max_tokens)
+            row["identical_to_no_speculation"] = row["outputs"] == base["outputs"]
+            row["speedup_vs_ours"] = round(row["decode_tok_s"] / base["decode_tok_s"], 3)
+            report(row)
+        peers = [p for p in args.peers.split(",") if p] if args.what == "batch1" else []
+        peer_ks = [None] + [int(k) for k in args.peer_ks.split(",")]
+        if "hf" in peers:
+            for k in peer_ks:
+                report(batch1(HF(loaded, k, sorted(tok.eos_token_ids)), prompts, args.max_tokens))
+        if "llamacpp" in peers:
+            from llamacpp_peer import convert
+            path = convert(default_model_path(), "float32", Path(os.environ.get("KVCACHE_CACHE_DIR", "/tmp")) / "llamacpp")
+            for k in peer_ks:
+                report(batch1(LlamaCpp(path, k, args.threads), prompts, args.max_tokens))
+    if args.what in ("concurrent", "chat"):
+        prompts = grounded if args.what == "concurrent" else chat
+        for n in [int(c) for c in args.concurrency.split(",")]:
+            batch = [prompts[i % len(prompts)] for i in range(n)]
+            for k in (None, args.k):
+                report(concurrent(loaded, batch, k, args.max_tokens, args.ngram_min))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
