@@ -283,18 +283,20 @@ class LLMEngine:
         else:
             tokens = sample(logits, [params], [generator])
         request.first_token_time = request.first_token_time or now
+        reason = None
         for row, token in enumerate(tokens):
             if params.logprobs is not None:
                 request.output_logprobs.append(logprobs_of(logits[row], token, params.logprobs))
             request.all_token_ids.append(token)
             reason = self._stop_reason(group, request, token)
             if reason is not None:
-                request.finish_time = now
-                self.scheduler.finish(request, reason)
                 break
         if num_spec:
             self.scheduler.end_verification(request, num_spec)
-        if self.drafter is not None and not request.is_finished:
+        if reason is not None:
+            request.finish_time = now
+            self.scheduler.finish(request, reason)
+        elif self.drafter is not None:
             request.spec_token_ids = self.drafter.propose(request.request_id, request.all_token_ids)
 
     def _stop_reason(self, group: _Group, request: Request, token: int) -> str | None:
