@@ -55,6 +55,26 @@ def test_fork_shares_and_copies_the_partial_block_on_write():
     assert pool.ref_count(parent.block_ids[1]) == 1
 
 
+def test_adopt_shares_a_common_prefix_and_refuses_what_a_window_released():
+    pool = BlockPool(16)
+    kv = KVCacheManager(pool, 4, (None, 6))  # a full group and a 6-token sliding group
+    a = _req("a", range(15))
+    assert kv.allocate_slots(a, 14)
+    a.num_computed_tokens = 14
+    assert kv.allocate_slots(a, 1)  # the step at position 14 releases the sliding blocks 0 and 1
+    a.num_computed_tokens = 15
+    assert a.block_tables[1][:2] == [NULL_BLOCK, NULL_BLOCK]
+    b = _req("b", list(range(10)) + [7, 7])
+    assert not kv.adopt(a, b, 10) and not any(b.block_tables)  # position 10 would see block 1
+    c = _req("c", list(range(15)) + [5])
+    assert kv.adopt(a, c, 15) and c.num_computed_tokens == 15 and c.block_tables == a.block_tables
+    assert kv.allocate_slots(c, 1)  # the shared partial block is copied, in both groups
+    assert sorted(src for src, _ in kv.take_pending_copies()) == sorted(t[3] for t in a.block_tables)
+    kv.free(a)
+    kv.free(c)
+    assert pool.num_used == 0
+
+
 class PoolMachine(RuleBasedStateMachine):
     """Random add / step / abort / fork / finish / rollback sequences on a small pool.
 

@@ -303,13 +303,29 @@ class KVCacheManager:
         Dropped whole blocks keep their prefix hashes (their contents still match them). A kept
         block that becomes partial keeps its hash until it is written again (see allocate_slots).
         """
+        if self._released_before(seq, num_tokens):
+            raise RuntimeError(f"Cannot roll {seq.request_id} back to {num_tokens} tokens: its window "
+                               "already released blocks a query there would see.")
         keep = self.blocks_for(num_tokens)
-        for g, table in enumerate(seq.block_tables):
-            if NULL_BLOCK in table[self.first_live_block(g, num_tokens):keep]:
-                raise RuntimeError(f"Cannot roll {seq.request_id} back to {num_tokens} tokens: its window "
-                                   "already released blocks a query there would see.")
         for table in seq.block_tables:
             self.pool.release(reversed([b for b in table[keep:] if b != NULL_BLOCK]))
             del table[keep:]
         del seq.block_hashes[num_tokens // self.block_size:]
         seq.num_computed_tokens = min(seq.num_computed_tokens, num_tokens)
+
+    def _released_before(self, seq: CachedSequence, num_tokens: int) -> bool:
+        """Has a sliding window released a block that a query right after ``num_tokens`` would see?"""
+        keep = self.blocks_for(num_tokens)
+        return any(NULL_BLOCK in table[self.first_live_block(g, num_tokens):keep]
+                   for g, table in enumerate(seq.block_tables))
+
+    def adopt(self, source: CachedSequence, seq: CachedSequence, num_tokens: int) -> bool:
+        """Let ``seq`` (holding nothing yet) share ``source``'s KV of the first ``num_tokens`` tokens,
+        which both sequences hold alike (a chat's next turn continuing the last); the partial last
+        block is shared and copied on write. False, and no change, when ``source``'s window has
+        already released blocks a query there would see."""
+        if self._released_before(source, num_tokens):
+            return False
+        self.fork(source, seq)
+        self.truncate(seq, num_tokens)
+        return True

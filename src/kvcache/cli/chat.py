@@ -91,6 +91,7 @@ class Chat:
         self.params = params
         self.conversation = conversation
         self.turns = 0
+        self.last_turn: str | None = None  # its KV is kept for the next turn to continue from
         self.room = engine.max_model_len - params.max_tokens  # prompt tokens a turn may use
         if self.room < 1:
             raise ValueError(f"--max-tokens {params.max_tokens} leaves no room for a message in the context of "
@@ -173,7 +174,9 @@ class Chat:
         steps, so a step is never cut in half and the request is aborted cleanly."""
         request_id = f"turn-{self.turns}"
         self.turns += 1
-        self.engine.add_request(request_id, ids, self.params)
+        # the last turn's KV stays held, so only what this prompt adds to it is prefilled
+        self.engine.add_request(request_id, ids, self.params, keep_kv=True, continue_from=self.last_turn)
+        self.last_turn = request_id
         interrupted: list[bool] = []
         previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         stream, last = TextStream(), None

@@ -60,6 +60,7 @@ class _Group:
     texts: list[str]
     detokenizers: list[IncrementalDetokenizer]
     error: str | None = None
+    keep_kv: bool = False  # sample 0's blocks stay held when it finishes (see LLMEngine.add_request)
     # per sample, for output_kind "delta": characters and tokens handed out, finish reported
     sent_text: list[int] = field(default_factory=list)
     sent_tokens: list[int] = field(default_factory=list)
@@ -125,6 +126,7 @@ class LLMEngine:
         self.spec = SpecCounters()
         self._groups: dict[str, _Group] = {}
         self._requests: dict[str, Request] = {}
+        self._kept: dict[str, Request] = {}  # finished keep_kv requests still holding their blocks
         self._generators: dict[str, torch.Generator] = {}
         self._ids = itertools.count()
 
@@ -146,11 +148,16 @@ class LLMEngine:
         return ids
 
     def add_request(self, request_id: str | None, prompt: str | Sequence[int],
-                    params: SamplingParams | None = None) -> str:
+                    params: SamplingParams | None = None, keep_kv: bool = False,
+                    continue_from: str | None = None) -> str:
         """Queue a prompt (text or token ids); returns its request id.
 
-        Everything that can fail is checked before the request touches the scheduler, so a
-        ValueError (bad input) leaves nothing behind."""
+        ``keep_kv``: when this request (n = 1) finishes, its blocks stay held under its id, until a
+        later request names it in ``continue_from`` (or :meth:`release_kept` lets them go). Such a
+        request adopts the kept KV as far as its prompt agrees with the kept tokens, partial last
+        block included, and computes only the rest (a chat's next turn). Everything that can fail
+        is checked before the request touches the scheduler, so a ValueError (bad input) leaves
+        nothing behind."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}.")
@@ -160,15 +167,40 @@ class LLMEngine:
         ids = self.encode_prompt(prompt)
         if any(t >= self.model_config.vocab_size for t in params.stop_token_ids or ()):
             raise ValueError(f"stop_token_ids must lie in [0, {self.model_config.vocab_size}).")
+        if keep_kv and params.n != 1:
+            raise ValueError("keep_kv keeps one sequence's KV; it needs n = 1.")
         first = Request(f"{request_id}#0", ids, params, prompt if isinstance(prompt, str) else None,
                         eos_token_ids=self.tokenizer.eos_token_ids)
         self.scheduler.check_fits(first, params.n)
         generator = make_generator(params.sample_seed(0), self.device)
-        self.scheduler.add(first)
+        kept = self._kept.pop(continue_from, None) if continue_from is not None else None
+        if kept is not None and self._adopt(kept, first):
+            self.scheduler.add_running(first)
+        else:
+            self.scheduler.add(first)
         self._groups[request_id] = _Group(request_id, params, [first], [""],
-                                          [IncrementalDetokenizer(self.tokenizer)])
+                                          [IncrementalDetokenizer(self.tokenizer)], keep_kv=keep_kv)
         self._register(first, generator)
         return request_id
+
+    def _adopt(self, kept: Request, request: Request) -> bool:
+        """Give ``request`` the kept KV of the tokens its prompt shares with ``kept`` (at least one
+        prompt token is left to compute) and drop ``kept``; True if any KV was adopted."""
+        limit = min(kept.num_computed_tokens, request.num_prompt_tokens - 1)
+        common = 0
+        while common < limit and kept.all_token_ids[common] == request.all_token_ids[common]:
+            common += 1
+        if common and kept.cache_salt == request.cache_salt:
+            self.kv.adopt(kept, request, common)
+        self.kv.free(kept)
+        request.num_cached_prompt_tokens = request.num_computed_tokens
+        return request.num_computed_tokens > 0
+
+    def release_kept(self, request_id: str) -> None:
+        """Let go of the KV a finished ``keep_kv`` request kept (nothing if it kept none)."""
+        kept = self._kept.pop(request_id, None)
+        if kept is not None:
+            self.kv.free(kept)
 
     def max_new_tokens(self, num_prompt_tokens: int, num_samples: int = 1) -> int:
         """The most tokens each of ``num_samples`` samples of this prompt may generate: what the
@@ -191,6 +223,7 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request now; its blocks return to the pool (or stay only in the prefix cache)."""
+        self.release_kept(request_id)
         group = self._groups.pop(request_id, None)
         if group is None:
             return
@@ -205,6 +238,8 @@ class LLMEngine:
         log.error("ending all %d requests: %s", len(ended), reason)
         for request_id in ended:
             self.abort(request_id)
+        for request_id in list(self._kept):
+            self.release_kept(request_id)
         self.scheduler.forget_step()
         return ended
 
@@ -295,7 +330,9 @@ class LLMEngine:
             self.scheduler.end_verification(request, num_spec)
         if reason is not None:
             request.finish_time = now
-            self.scheduler.finish(request, reason)
+            self.scheduler.finish(request, reason, keep_blocks=group.keep_kv)
+            if group.keep_kv:
+                self._kept[group.request_id] = request
         elif self.drafter is not None:
             request.spec_token_ids = self.drafter.propose(request.request_id, request.all_token_ids)
 
@@ -426,6 +463,7 @@ class LLMEngine:
             "kv_cache_dtype": self.storage.kv_format,
             "num_requests_running": len(running),
             "num_requests_waiting": len(self.scheduler.waiting),
+            "num_requests_kept": len(self._kept),
             "prefix_cache_queries": self.kv.prefix_cache_queries,
             "prefix_cache_hits": self.kv.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,

@@ -206,13 +206,15 @@ class Scheduler:
 
     # --- endings ----------------------------------------------------------------------------
 
-    def finish(self, request: Request, reason: str) -> None:
-        """Stop a request (finished or aborted) and return its blocks at once."""
+    def finish(self, request: Request, reason: str, keep_blocks: bool = False) -> None:
+        """Stop a request (finished or aborted) and return its blocks at once, unless the caller
+        keeps them (it then frees them through the kv manager itself)."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.kv.free(request)
+        if not keep_blocks:
+            self.kv.free(request)
         request.spec_token_ids = []
         request.status = RequestStatus.FINISHED
         request.finish_reason = reason
