@@ -20,11 +20,11 @@ from kvcache.engine.detokenizer import IncrementalDetokenizer
 from kvcache.engine.request import Request, RequestStatus
 from kvcache.engine.scheduler import Scheduler
 from kvcache.engine.speculative import SpecCounters, make_drafter, verify
-from kvcache.models.llama import LlamaForCausalLM
+from kvcache.models.families import CausalLM, model_class
 from kvcache.models.loader import LoadedModel, load_model
 from kvcache.runtime.runner import ModelRunner
 from kvcache.runtime.sampler import logprobs_of, make_generator, sample
-from kvcache.sizing import KVShape, kv_bytes, parse_bytes
+from kvcache.sizing import KVShape, kv_bytes, kv_dtype, parse_bytes
 
 DEFAULT_KV_CACHE_MEMORY = 1 << 30  # 1 GiB
 log = logging.getLogger("kvcache.engine")
@@ -72,14 +72,15 @@ class _Group:
                                           and all(r.is_finished for r in self.samples))
 
 
-def build_model(loaded: LoadedModel, dtype: str, device: torch.device) -> LlamaForCausalLM:
-    """The model with ``loaded``'s weights, in ``dtype`` on ``device`` (no throwaway random init)."""
+def build_model(loaded: LoadedModel, dtype: str, device: torch.device) -> CausalLM:
+    """The model of ``loaded``'s architecture with its weights, in ``dtype`` on ``device`` (no
+    throwaway random init)."""
     torch_dtype = getattr(torch, parse_model_dtype(dtype))
     with torch.device("meta"):
-        model = LlamaForCausalLM(loaded.config)
+        model = model_class(loaded.config)(loaded.config)
     # Module.to_empty's empty_like on meta tensors imports torch.fx (~1 s); torch.empty does not
     model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
-    model.rope.reset_tables()
+    model.reset_buffers()
     model.load_hf_weights(loaded.weights)
     return model.to(dtype=torch_dtype).eval()
 
@@ -91,7 +92,7 @@ def default_device() -> torch.device:
 class LLMEngine:
     """One model, one KV pool, one scheduler. Single-threaded: call ``step()`` in a loop."""
 
-    def __init__(self, model: str | None = None, dtype: str = "float32", block_size: int = 16,
+    def __init__(self, model: str | None = None, dtype: str = "float32", block_size: int | None = None,
                  num_blocks: int | None = None, kv_cache_memory: int | str | None = None,
                  enable_prefix_caching: bool = True, scheduler_config: SchedulerConfig | None = None,
                  max_model_len: int | None = None, device: str | None = None,
@@ -100,11 +101,12 @@ class LLMEngine:
                  draft_model: str | None = None) -> None:
         if isinstance(kv_cache_memory, str):
             kv_cache_memory = parse_bytes(kv_cache_memory)
+        self.dtype = parse_model_dtype(dtype)
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)  # fp32 ... int4
+        block_size = kv_dtype(self.kv_cache_dtype).default_block_size if block_size is None else block_size
         self.cache_config = CacheConfig(block_size, num_blocks, kv_cache_memory, enable_prefix_caching)
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.speculative_config = speculative_config(speculative, num_speculative_tokens, draft_model)
-        self.dtype = parse_model_dtype(dtype)
-        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)  # fp32 ... int4
         self.device = torch.device(device) if device else default_device()
         loaded = loaded or load_model(model)
         self.model_config = loaded.config
