@@ -198,6 +198,7 @@ def test_engine_pool_is_planned_and_reports_its_format(smollm_engine_factory, kv
     stats = engine.stats()
     fmt = resolve_kv_cache_dtype(kv_format, "float32")
     bs = engine.cache_config.block_size
+    assert bs == (32 if kv_format == "int4" else 16)  # int4's per-channel key params: 1 bit a key at 32
     per_block = pool_block_bytes(engine.kv_groups, bs)
     assert stats["kv_cache_dtype"] == fmt
     assert stats["num_blocks_total"] == 20_000_000 // per_block

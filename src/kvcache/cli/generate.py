@@ -95,7 +95,11 @@ def sized_to_request(kwargs: dict[str, Any], num_tokens: int) -> dict[str, Any]:
     """A one-shot command needs KV blocks for its one request only: unless the pool's size was
     given, allocate ceil(tokens / block_size) blocks instead of the default 1 GiB."""
     if kwargs["num_blocks"] is None and kwargs["kv_cache_memory"] is None:
-        kwargs = dict(kwargs, num_blocks=-(-num_tokens // kwargs["block_size"]))
+        from kvcache.cache.spec import resolve_kv_cache_dtype
+        from kvcache.sizing import kv_dtype
+        block_size = kwargs["block_size"] or kv_dtype(resolve_kv_cache_dtype(kwargs["kv_cache_dtype"],
+                                                                             kwargs["dtype"])).default_block_size
+        kwargs = dict(kwargs, num_blocks=-(-num_tokens // block_size))
     return kwargs
 
 

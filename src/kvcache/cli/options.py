@@ -54,8 +54,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                              "(default: float32)")
     parser.add_argument("--max-model-len", type=int_between(2, BIG), metavar="TOKENS",
                         help="the longest sequence (prompt + output) to allow (default: the model's context)")
-    parser.add_argument("--block-size", type=int_between(1, 1024), default=16,
-                        help="tokens per KV block (default: 16)")
+    parser.add_argument("--block-size", type=int_between(1, 1024),
+                        help="tokens per KV block (default: 16; 32 with --kv-cache-dtype int4)")
     parser.add_argument("--num-blocks", type=int_between(1, BIG),
                         help="KV blocks in the pool (default: from --kv-cache-memory)")
     parser.add_argument("--kv-cache-memory", metavar="BYTES",
