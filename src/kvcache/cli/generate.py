@@ -13,6 +13,7 @@ from kvcache.cli.errors import CommandFailed, UsageError, check_text
 from kvcache.cli.options import add_model_options, add_sampling_options, engine_kwargs, sampling_params
 
 if TYPE_CHECKING:
+    from kvcache.config import ModelConfig
     from kvcache.engine.engine import LLMEngine, RequestOutput
     from kvcache.models.tokenizer import Tokenizer
 
@@ -91,15 +92,17 @@ def build_prompt(tokenizer: Tokenizer, args: argparse.Namespace, text: str, max_
     return ids
 
 
-def sized_to_request(kwargs: dict[str, Any], num_tokens: int) -> dict[str, Any]:
+def sized_to_request(kwargs: dict[str, Any], num_tokens: int, config: ModelConfig) -> dict[str, Any]:
     """A one-shot command needs KV blocks for its one request only: unless the pool's size was
-    given, allocate ceil(tokens / block_size) blocks instead of the default 1 GiB."""
+    given, allocate ceil(tokens / block_size) blocks per cache group (each group's table holds its
+    own; Gemma-3-270M has six) instead of the default 1 GiB."""
     if kwargs["num_blocks"] is None and kwargs["kv_cache_memory"] is None:
-        from kvcache.cache.spec import resolve_kv_cache_dtype
+        from kvcache.cache.spec import group_layers, layer_specs, resolve_kv_cache_dtype
         from kvcache.sizing import kv_dtype
-        block_size = kwargs["block_size"] or kv_dtype(resolve_kv_cache_dtype(kwargs["kv_cache_dtype"],
-                                                                             kwargs["dtype"])).default_block_size
-        kwargs = dict(kwargs, num_blocks=-(-num_tokens // block_size))
+        fmt = resolve_kv_cache_dtype(kwargs["kv_cache_dtype"], kwargs["dtype"])
+        block_size = kwargs["block_size"] or kv_dtype(fmt).default_block_size
+        groups = len(group_layers(layer_specs(config, fmt)))
+        kwargs = dict(kwargs, num_blocks=groups * -(-num_tokens // block_size))
     return kwargs
 
 
@@ -113,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_model(args.model)
     context = min(args.max_model_len or loaded.config.max_position_embeddings, loaded.config.max_position_embeddings)
     ids = build_prompt(loaded.tokenizer, args, text, context)
-    engine = LLMEngine(loaded=loaded, **sized_to_request(kwargs, len(ids) + args.max_tokens))
+    engine = LLMEngine(loaded=loaded, **sized_to_request(kwargs, len(ids) + args.max_tokens, loaded.config))
     del loaded  # the engine holds what it needs from it
     engine.add_request("cli", ids, params)
     stream = None if args.json else TextStream()
