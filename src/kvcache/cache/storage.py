@@ -415,8 +415,10 @@ class KVCache:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes per token slot of a full page, every slot and scale included (rounded down)."""
-        return self.nbytes // (self.num_blocks * self.block_size)
+        """Bytes one token costs in every layer, scales included (rounded down): a page's bytes per
+        token slot, times as many pages as the model's layers fill."""
+        layers = sum(len(g.layers) for g in self.groups)
+        return self.nbytes * layers // (self.num_blocks * self.block_size * len(self.pages.group.layers))
 
     @property
     def bytes_per_element(self) -> float:
