@@ -195,6 +195,9 @@ def test_metrics_names(server, client):
                  "kvcache_time_to_first_token_seconds_bucket", "kvcache_time_per_output_token_seconds_count"):
         assert name in text
     assert _metric(server, "kvcache_kv_blocks_free") == 512 - _metric(server, "kvcache_kv_blocks_used")
+    # SmolLM2 is one full-attention cache group; bytes used are its blocks' bytes
+    assert re.search(r'^kvcache_kv_group_blocks_used\{group="0",window="full"\} [0-9.]+$', text, re.M), text
+    assert _metric(server, "kvcache_kv_bytes_used") % (16 * 46080) == 0
     assert float(re.search(r"^kvcache_time_to_first_token_seconds_count ([0-9.]+)$", text, re.M).group(1)) > 0
 
 

@@ -43,6 +43,13 @@ class _EngineCollector:
             yield CounterMetricFamily(name, doc, value=stats[key])
         yield GaugeMetricFamily("kvcache_kv_cache_bytes", "Bytes allocated for the KV cache.",
                                 value=stats["kv_cache_bytes"])
+        yield GaugeMetricFamily("kvcache_kv_bytes_used", "Bytes of the KV blocks requests hold now.",
+                                value=stats["kv_bytes_used"])
+        per_group = GaugeMetricFamily("kvcache_kv_group_blocks_used", "KV blocks a cache group's tables hold "
+                                      "(a sliding group gives back what its window left).", labels=["group", "window"])
+        for group in stats["groups"]:
+            per_group.add_metric([str(group["group"]), str(group["window"] or "full")], group["blocks_used"])
+        yield per_group
         yield InfoMetricFamily("kvcache_kv_cache", "The KV cache's element format.",  # ..._info{kv_cache_dtype=}
                                value={"kv_cache_dtype": stats["kv_cache_dtype"]})
 
