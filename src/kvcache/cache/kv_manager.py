@@ -16,12 +16,19 @@ Full blocks are hashed and shareable; the partial one is private, or copied on w
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from kvcache.cache.block_pool import BlockHash, BlockPool, hash_block
 
 NULL_BLOCK = -1  # a table entry whose block a sliding window gave back
+
+
+def _num_released(table: list[int]) -> int:
+    """How many leading entries are placeholders. A window releases blocks oldest first, so the
+    placeholders of a table always form its prefix; a binary search finds its end."""
+    return bisect.bisect_left(table, True, key=lambda b: b != NULL_BLOCK)
 
 
 class CachedSequence(Protocol):
@@ -83,7 +90,7 @@ class KVCacheManager:
 
     def num_blocks_held(self, seq: CachedSequence) -> int:
         """Real blocks the sequence references now, every group together (placeholders not counted)."""
-        return sum(b != NULL_BLOCK for table in seq.block_tables for b in table)
+        return sum(len(table) - _num_released(table) for table in seq.block_tables)
 
     def worst_case_blocks(self, num_prompt_tokens: int, num_tokens: int, num_samples: int,
                           max_chunk: int) -> int:
@@ -150,7 +157,7 @@ class KVCacheManager:
         computed = seq.num_computed_tokens + hit.num_blocks * self.block_size
         needed, freed = 0, 0
         for g, table in enumerate(tables):
-            entries = table + list(hit.tables[g])
+            entries = table + list(hit.tables[g]) if hit.num_blocks else table
             needed += max(0, self.blocks_for(computed + num_new_tokens) - len(entries))
             needed += self._needs_copy_on_write(entries, computed, num_new_tokens)
             freed += sum(1 for b in self._outside_window(entries, g, computed) if self.pool.ref_count(b) == 1)
@@ -163,8 +170,9 @@ class KVCacheManager:
         return num_new_tokens > 0 and first < len(table) and self.pool.ref_count(table[first]) > 1
 
     def _outside_window(self, table: list[int], group: int, position: int) -> list[int]:
-        """Real blocks of ``table`` that no query from ``position`` on can see."""
-        return [b for b in table[:self.first_live_block(group, position)] if b != NULL_BLOCK]
+        """Real blocks of ``table`` that no query from ``position`` on can see: those between the
+        released prefix and the window, found without walking the prefix (this runs every step)."""
+        return table[_num_released(table):self.first_live_block(group, position)]
 
     def allocate_slots(self, seq: CachedSequence, num_new_tokens: int, hit: PrefixHit | None = None,
                        num_provisional: int = 0) -> bool:
@@ -203,11 +211,11 @@ class KVCacheManager:
 
     def _release_outside_window(self, table: list[int], group: int, position: int) -> None:
         """Give back the blocks no query from ``position`` on can see; they keep their hashes."""
-        for i in range(self.first_live_block(group, position)):
-            if table[i] != NULL_BLOCK:
-                self._pending_copies.pop(table[i], None)
-                self.pool.release([table[i]])
-                table[i] = NULL_BLOCK
+        start, end = _num_released(table), self.first_live_block(group, position)
+        for i in range(start, end):
+            self._pending_copies.pop(table[i], None)
+        self.pool.release(table[start:end])
+        table[start:end] = [NULL_BLOCK] * max(0, end - start)
 
     def blocks_to_save(self, seq: CachedSequence) -> tuple[int, ...]:
         """The blocks holding KV a future query can see, every group in order (what swap-out keeps)."""
