@@ -111,3 +111,19 @@ def test_write_goes_only_to_mapped_slots():
     changed = (flat_before != flat_after).any(-1).any(0).nonzero().flatten().tolist()
     assert sorted(changed) == sorted(meta.slot_mapping.tolist())
     torch.testing.assert_close(flat_after[:, meta.slot_mapping].transpose(0, 1), k)
+
+
+def test_sliding_tables_start_at_the_first_block_the_window_reaches():
+    from kvcache.runtime.plan import ScheduledSequence
+    from kvcache.runtime.runner import blocks_out_of_window
+    table = (tuple(range(13)),)  # 13 blocks of 8: positions 0..103
+
+    def seq(start: int, n: int) -> ScheduledSequence:
+        return ScheduledSequence("r", tuple(range(n)), start, table, sample=True)
+
+    # decode at position 99 (seq_len 100), window 24: keys 76..99 are visible, block 76 // 8 = 9 first
+    assert blocks_out_of_window(seq(99, 1), 24, 8) == 9
+    # a prefill chunk of 10 at positions 90..99: its first query sees from 90 - 23 = 67, block 8
+    assert blocks_out_of_window(seq(90, 10), 24, 8) == 8
+    assert blocks_out_of_window(seq(10, 1), 24, 8) == 0  # the window still reaches position 0
+    assert blocks_out_of_window(seq(99, 1), None, 8) == 0  # full attention reads every block

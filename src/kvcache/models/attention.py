@@ -34,8 +34,8 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [num_tokens] long: where each token's K/V is written
     query_lens: list[int]  # per sequence: tokens computed this step
-    seq_lens: list[int]  # per sequence: tokens with KV after this step
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] long, padded with 0
+    seq_lens: list[int]  # per sequence: tokens with KV after this step, from its table's first block
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] long, padded with 0 (sliding: from the window's first block)
     block_size: int
     num_decodes: int  # the first num_decodes sequences have query_len == 1
     sliding_window: int | None = None

@@ -59,8 +59,9 @@ class ModelRunner:
                                                                      list[AttentionMetadata]]:
         """Flatten sequences into token/position vectors and one attention metadata per cache group.
 
-        Each group has its own slot mapping and block tables (a table entry a window released is
-        read as block 0 and masked out); groups with the same window share their masks.
+        Each group has its own slot mapping and block tables; a sliding group's tables start at the
+        first block its window reaches (an entry the window released before that is read as block 0
+        and masked out); groups with the same window share their masks.
         """
         tokens: list[int] = []
         positions: list[int] = []
@@ -93,14 +94,29 @@ class ModelRunner:
         for s in seqs:
             table = s.block_tables[group]
             slots.extend(table[pos // bs] * bs + pos % bs for pos in range(s.start_position, s.seq_len))
-        width = max(len(s.block_tables[group]) for s in seqs)
-        rows = [[max(b, 0) for b in s.block_tables[group]] + [0] * (width - len(s.block_tables[group]))
-                for s in seqs]
+        skips = [blocks_out_of_window(s, window, bs) for s in seqs]
+        tables = [s.block_tables[group][skip:] for s, skip in zip(seqs, skips)]
+        width = max(len(t) for t in tables)
+        rows = [[max(b, 0) for b in t] + [0] * (width - len(t)) for t in tables]
         return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            query_lens=[len(s.token_ids) for s in seqs], seq_lens=[s.seq_len for s in seqs],
+            query_lens=[len(s.token_ids) for s in seqs],
+            seq_lens=[s.seq_len - skip * bs for s, skip in zip(seqs, skips)],
             block_tables=torch.tensor(rows, dtype=torch.long, device=self.device),  # [num_seqs, width]
             block_size=bs, num_decodes=num_decodes, sliding_window=window)
+
+
+def blocks_out_of_window(s: ScheduledSequence, window: int | None, block_size: int) -> int:
+    """Leading blocks of ``s``'s table that no query of this step can see through ``window``.
+
+    Attention reads a sliding group's table from the first block its earliest query reaches, so
+    a decode at 4,096 tokens with a 512-token window reads 33 blocks of 16, not 256 (masking is
+    shift-invariant: the metadata's seq_len is counted from that block).
+    """
+    if window is None:
+        return 0
+    first_visible = s.seq_len - len(s.token_ids) - window + 1  # position of the earliest key any query sees
+    return max(0, first_visible) // block_size
 
 
 def is_decode(s: ScheduledSequence) -> bool:
