@@ -55,7 +55,8 @@ class _Seq:
 
 
 class LlamaCppBatched:
-    def __init__(self, path: Path, n_ctx: int, n_seq: int, n_batch: int = 512, threads: int | None = None):
+    def __init__(self, path: Path, n_ctx: int, n_seq: int, n_batch: int = 512, threads: int | None = None,
+                 swa_full: bool | None = None):
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         mp.use_extra_bufts = False  # the weight-repacking path crashes on this machine (--no-repack)
@@ -66,6 +67,8 @@ class LlamaCppBatched:
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max = n_ctx, n_batch, n_batch, n_seq
         cp.n_threads = cp.n_threads_batch = threads or os.cpu_count() or 1
         cp.kv_unified = True  # one KV pool shared by all sequences, like a paged pool
+        if swa_full is not None:  # llama-cpp-python's default is a full-size SWA cache (--swa-full)
+            cp.swa_full = swa_full
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
             raise RuntimeError("llama.cpp could not create a context (KV cache too large?)")

@@ -107,3 +107,27 @@ def test_logits_match_transformers_reading_the_same_gguf(gemma, engine):
     with torch.no_grad():
         expected = hf.eval()(torch.tensor([ids])).logits[0]
     torch.testing.assert_close(logits_without_cache(engine.model, ids), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("source", ["--model", "--preset"])
+def test_the_planner_matches_what_the_engine_holds_after_a_long_prefill(gemma, source):
+    import json
+    import subprocess
+    import sys
+
+    from kvcache.cache.spec import pool_block_bytes
+    n = 1100  # over twice the window
+    what = str(gemma.source) if source == "--model" else "gemma-3-270m"
+    out = subprocess.run([sys.executable, "-m", "kvcache", "size", source, what, "--seq-len", str(n + 1),
+                          "--dtype", "fp32", "--json"], capture_output=True, text=True, check=True)
+    planned = json.loads(out.stdout)["bytes"]
+    engine = LLMEngine(loaded=gemma, kv_cache_memory="64MiB", device="cpu", enable_prefix_caching=False)
+    ids = (gemma.tokenizer.encode(LONG) * 2)[:n]
+    engine.add_request("long", ids, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+    while not engine.scheduler.running or engine.scheduler.running[0].num_computed_tokens <= n:
+        engine.step()  # the prefill, then one decode step (which gives back what the window left)
+    held = engine.stats()["kv_bytes_used"]
+    groups = engine.stats()["groups"]
+    one_page = pool_block_bytes(engine.storage.groups, engine.storage.block_size)  # one block of one group
+    # every group holds at most one partly filled block beyond what the planner counts
+    assert planned <= held <= planned + len(groups) * one_page, (planned, held, groups)
