@@ -15,9 +15,11 @@ later costs less. See BENCHMARKS.md for the measurements behind this.
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import time
+from typing import Callable
 
 SAMPLE_SECONDS = 0.1
 SLACK = 0.25  # a core counts as free when at most this much of it is busy with other work
@@ -48,31 +50,36 @@ def _cpu_times(cpus: list[int]) -> dict[int, tuple[int, int]] | None:
     return times
 
 
-def busy_cores(cpus: list[int], seconds: float = SAMPLE_SECONDS) -> float:
-    """How many of ``cpus`` other processes keep busy, averaged over ``seconds`` (0.0 without /proc)."""
-    before = _cpu_times(cpus)
-    time.sleep(seconds)
-    after = _cpu_times(cpus)
+def busy_cores(cpus: list[int], seconds: float = SAMPLE_SECONDS, during: Callable[[], object] | None = None) -> float:
+    """How many of ``cpus`` other processes keep busy, averaged over at least ``seconds`` (0.0
+    without /proc). ``during`` runs inside the window (the CLI imports torch there, so the sample
+    costs no extra wall time); this process's own CPU time in the window is not counted as busy."""
+    before, own_before, start = _cpu_times(cpus), time.process_time(), time.monotonic()
+    if during is not None:
+        during()
+    time.sleep(max(0.0, seconds - (time.monotonic() - start)))
+    after, own, wall = _cpu_times(cpus), time.process_time() - own_before, time.monotonic() - start
     if not before or not after:
         return 0.0
     busy = 0.0
     for cpu, (b0, t0) in before.items():
         b1, t1 = after.get(cpu, (b0, t0))
         busy += (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
-    return busy
+    return max(0.0, busy - own / wall)
 
 
-def default_threads() -> int:
+def default_threads(during: Callable[[], object] | None = None) -> int:
     """The cores that are free now: allowed cores minus busy ones, at least 1 (see the module doc)."""
     cpus = allowed_cpus()
-    free = len(cpus) - busy_cores(cpus)
+    free = len(cpus) - busy_cores(cpus, during=during)
     return max(1, min(len(cpus), math.floor(free + SLACK)))
 
 
 def apply_threads(requested: int | None) -> int:
-    """Set the thread count (and a sleeping OpenMP wait policy) before torch starts its thread pool."""
+    """Set the thread count (and a sleeping OpenMP wait policy) before torch starts its thread pool.
+    Without ``requested``, the free cores are sampled while torch is being imported."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    threads = requested or default_threads()
+    threads = requested or default_threads(during=lambda: importlib.import_module("torch"))
     import torch
     torch.set_num_threads(threads)
     return threads
