@@ -19,7 +19,7 @@ from kvcache.config import SchedulerConfig
 from kvcache.engine.draft_model import DraftModelDrafter
 from kvcache.models.loader import default_model_path, save_hf_folder
 from test_paged_engine import run  # requests arrive while the engine steps; token ids per prompt
-from test_spec_decode import GREEDY, PROMPTS, generate
+from test_spec_decode import GREEDY, PROMPTS
 
 pytestmark = pytest.mark.slow
 
