@@ -116,6 +116,13 @@ def pool_block_bytes(groups: tuple[KVCacheGroup, ...], block_size: int) -> int:
     return page_group(groups).block_bytes(block_size)
 
 
-def num_blocks_for_budget(groups: tuple[KVCacheGroup, ...], budget_bytes: int, block_size: int) -> int:
-    """How many whole blocks (pages) fit in ``budget_bytes``; raises if not even one does."""
-    return blocks_in_budget(pool_block_bytes(groups, block_size), budget_bytes, block_size)
+def num_blocks_for_budget(groups: tuple[KVCacheGroup, ...], budget_bytes: int, block_size: int,
+                          *more_pools: tuple[KVCacheGroup, ...]) -> int:
+    """How many whole blocks (pages) fit in ``budget_bytes``; raises if not even one does.
+
+    With ``more_pools`` (a draft model's groups), every pool gets that many blocks and their pages
+    together fit the budget: block i of each pool holds the same tokens of some sequence, so the
+    pools run out together.
+    """
+    per_block = sum(pool_block_bytes(g, block_size) for g in (groups, *more_pools))
+    return blocks_in_budget(per_block, budget_bytes, block_size)

@@ -17,9 +17,10 @@ from kvcache.cache.storage import KVCache
 from kvcache.config import (CacheConfig, SamplingParams, SchedulerConfig, SpeculativeConfig, is_text,
                             parse_model_dtype, speculative_config)
 from kvcache.engine.detokenizer import IncrementalDetokenizer
+from kvcache.engine.draft_model import DraftModelDrafter, load_draft_model
 from kvcache.engine.request import Request, RequestStatus
 from kvcache.engine.scheduler import Scheduler
-from kvcache.engine.speculative import SpecCounters, make_drafter, verify
+from kvcache.engine.speculative import NgramDrafter, SpecCounters, make_drafter, verify
 from kvcache.models.families import CausalLM, model_class
 from kvcache.models.loader import LoadedModel, load_model
 from kvcache.runtime.runner import ModelRunner
@@ -109,6 +110,8 @@ class LLMEngine:
         self.speculative_config = speculative_config(speculative, num_speculative_tokens, draft_model)
         self.device = torch.device(device) if device else default_device()
         loaded = loaded or load_model(model)
+        spec = self.speculative_config
+        draft = load_draft_model(spec.draft_model, loaded.config) if spec and spec.method == "draft" else None
         self.model_config = loaded.config
         self.model_source = loaded.source
         self.tokenizer = loaded.tokenizer
@@ -117,14 +120,19 @@ class LLMEngine:
                                  loaded.config.max_position_embeddings)
         self.kv_shape = KVShape.from_model_config(loaded.config)
         self.kv_groups = group_layers(layer_specs(loaded.config, self.kv_cache_dtype))
+        draft_groups = () if draft is None else (group_layers(layer_specs(draft.config, self.kv_cache_dtype)),)
         blocks = self.cache_config.num_blocks or num_blocks_for_budget(
-            self.kv_groups, self.cache_config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, block_size)
+            self.kv_groups, self.cache_config.kv_cache_memory or DEFAULT_KV_CACHE_MEMORY, block_size,
+            *draft_groups)  # a draft model's pool gets as many blocks; the budget holds both
         self.storage = KVCache(self.kv_groups, blocks, block_size, self.device)
         self.pool = BlockPool(blocks, enable_prefix_caching)
         self.kv = KVCacheManager(self.pool, block_size, tuple(g.spec.window for g in self.kv_groups))
         self.scheduler = Scheduler(self.scheduler_config, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.model, self.storage)
-        self.drafter = make_drafter(self.speculative_config)
+        self.drafter: NgramDrafter | DraftModelDrafter | None = make_drafter(spec) if draft is None else \
+            DraftModelDrafter(build_model(draft, self.dtype, self.device),
+                              KVCache(draft_groups[0], blocks, block_size, self.device),
+                              spec.num_speculative_tokens, self.scheduler_config, enable_prefix_caching)
         self.spec = SpecCounters()
         self._groups: dict[str, _Group] = {}
         self._requests: dict[str, Request] = {}
@@ -265,12 +273,16 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; outputs for every request group that advanced or finished."""
         plan = self.scheduler.schedule()
+        if self.drafter is not None:
+            for request_id in plan.preempted:
+                self.drafter.free_cache(request_id)
         if plan.is_empty:
             return []
         output = self.runner.execute(plan)
         due = self.scheduler.step_done()
         rows = output.rows()
         touched: dict[str, _Group] = {}
+        to_draft: list[Request] = []
         now = time.monotonic()
         for request in due:
             logits = rows[request.request_id]  # [1 + drafts verified, vocab]
@@ -280,11 +292,13 @@ class LLMEngine:
                 continue
             try:
                 for sample_request in self._fork_if_first(group, request):
-                    self._append_tokens(group, sample_request, logits, now)
+                    if self._append_tokens(group, sample_request, logits, now):
+                        to_draft.append(sample_request)
             except Exception as err:  # this request alone ends; the batch goes on
                 log.exception("request %s failed in a step and was ended alone", group.request_id)
                 group.error = f"The engine failed on this request ({type(err).__name__})."
                 self._finish_group(group, "error")
+        self._propose(to_draft)
         outputs = (self._output(g) for g in touched.values())
         return [out for out in outputs if out is not None]
 
@@ -306,9 +320,19 @@ class LLMEngine:
             self.scheduler.add_running(child)
         return group.samples
 
-    def _append_tokens(self, group: _Group, request: Request, logits: torch.Tensor, now: float) -> None:
+    def _propose(self, requests: list[Request]) -> None:
+        """Draft the next step's tokens for every request that goes on, in one call to the drafter
+        (a draft model batches them)."""
+        requests = [r for r in requests if not r.is_finished]
+        if self.drafter is None or not requests:
+            return
+        for request, drafts in zip(requests, self.drafter.propose_all(requests)):
+            request.spec_token_ids = drafts
+
+    def _append_tokens(self, group: _Group, request: Request, logits: torch.Tensor, now: float) -> bool:
         """Sample (logits [1, V]) or verify drafts (logits [k + 1, V]) and append what is kept, one
-        token at a time, up to the first that finishes the request; then draft the next step's."""
+        token at a time, up to the first that finishes the request. True when it goes on (and may
+        draft the next step's tokens)."""
         params = group.params
         generator = self._generators[request.request_id]
         num_spec = logits.shape[0] - 1
@@ -335,8 +359,7 @@ class LLMEngine:
             self.scheduler.finish(request, reason, keep_blocks=group.keep_kv)
             if group.keep_kv:
                 self._kept[group.request_id] = request
-        elif self.drafter is not None:
-            request.spec_token_ids = self.drafter.propose(request.request_id, request.all_token_ids)
+        return reason is None
 
     def _stop_reason(self, group: _Group, request: Request, token: int) -> str | None:
         params = group.params
@@ -452,6 +475,7 @@ class LLMEngine:
         bs = self.cache_config.block_size
         allocated_slots = sum(self.kv.num_blocks_held(r) for r in running) * bs
         filled = sum(self._slots_filled(r) for r in running)
+        draft = self.drafter.stats() if self.drafter is not None else {}  # a draft model's own pool
         return {
             "kv_cache_usage": pool.num_used / pool.num_blocks,
             "num_blocks_total": pool.num_blocks,
@@ -459,8 +483,8 @@ class LLMEngine:
             "num_blocks_used": pool.num_used,
             "num_blocks_cached_free": pool.num_cached_free,
             "block_size": self.cache_config.block_size,
-            "kv_cache_bytes": self.storage.nbytes,
-            "kv_bytes_used": pool.num_used * self.block_bytes,
+            "kv_cache_bytes": self.storage.nbytes + draft.get("draft_kv_cache_bytes", 0),
+            "kv_bytes_used": pool.num_used * self.block_bytes + draft.get("draft_kv_bytes_used", 0),
             "groups": self._group_stats(),
             "kv_cache_dtype": self.storage.kv_format,
             "num_requests_running": len(running),
@@ -471,6 +495,7 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "fragmentation": (allocated_slots - filled) / allocated_slots if allocated_slots else 0.0,
             **self.spec.stats(),
+            **draft,
         }
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from kvcache.config import SamplingParams, SpeculativeConfig
+from kvcache.engine.request import Request
 from kvcache.runtime.sampler import probabilities
 
 
@@ -132,6 +133,13 @@ class NgramDrafter:
             return []
         return self.proposer.propose(token_ids)
 
+    def propose_all(self, requests: Sequence[Request]) -> list[list[int]]:
+        """Drafts for each request, in order (see :meth:`propose`)."""
+        return [self.propose(r.request_id, r.all_token_ids) for r in requests]
+
+    def free_cache(self, request_id: str) -> None:
+        """Nothing is cached per request (the request was preempted; its back-off stands)."""
+
     def observe(self, request_id: str, drafted: int, accepted: int) -> None:
         """A verification of ``drafted`` drafts kept ``accepted`` of them."""
         if accepted:
@@ -145,11 +153,17 @@ class NgramDrafter:
         self._backoff.pop(request_id, None)
         self._wait.pop(request_id, None)
 
+    def stats(self) -> dict[str, int]:
+        """Nothing beyond the engine's counters: prompt lookup holds no KV."""
+        return {}
+
 
 def make_drafter(config: SpeculativeConfig | None) -> NgramDrafter | None:
-    """The engine's drafter for ``config`` (None when speculation is off)."""
+    """The engine's prompt-lookup drafter for ``config`` (None when speculation is off); a draft
+    model's drafter is built by the engine, which owns the models and the KV sizing."""
     if config is None:
         return None
     if config.method == "ngram":
         return NgramDrafter(NgramProposer(config.num_speculative_tokens, config.ngram_max, config.ngram_min))
-    raise ValueError(f"speculative={config.method!r} is not available in this build.")
+    raise ValueError(f"speculative={config.method!r} needs a model: LLMEngine builds its drafter "
+                     "(kvcache.engine.draft_model.DraftModelDrafter).")
