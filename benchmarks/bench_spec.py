@@ -12,7 +12,8 @@ llama.cpp's context is reset before every call, so no system reuses a prompt's K
 Peers: HF transformers generate(prompt_lookup_num_tokens=k) and llama-cpp-python's
 Llama(draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k)) on the same GGUF requantized to F32.
 concurrent: all prompts in one continuous batch (the 21 cycled up to the concurrency), output tokens/s
-with and without speculation. chat: the free-form set, batch 1 and concurrently.
+without speculation, verifying every draft (--always-speculate) and with the engine's speculation gate
+(the default, engine/spec_gate.py). chat: the free-form set, batch 1 and concurrently.
 """
 
 from __future__ import annotations
@@ -118,8 +119,10 @@ def batch1(system, prompts: list[list[int]], max_tokens: int) -> dict:
             "decode_tok_s": round(decode_tokens / decode_time, 2), **system.spec_stats(), "outputs": outputs}
 
 
-def concurrent(loaded, prompts, k: int | None, max_tokens: int, ngram_min: int) -> dict:
-    spec = SpeculativeConfig("ngram", k, ngram_min=ngram_min) if k else None
+def concurrent(loaded, prompts, k: int | None, max_tokens: int, ngram_min: int, adaptive: bool = False) -> dict:
+    """Every prompt at once: output tokens/s from the first add to the last finish. ``adaptive``:
+    the engine's speculation gate picks whose drafts to verify; otherwise every draft is."""
+    spec = SpeculativeConfig("ngram", k, ngram_min=ngram_min, adaptive=adaptive) if k else None
     engine = LLMEngine(loaded=loaded, num_blocks=4096, speculative=spec,
                        scheduler_config=SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=8192))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -133,7 +136,7 @@ def concurrent(loaded, prompts, k: int | None, max_tokens: int, ngram_min: int) 
                 tokens += len(out.outputs[0].token_ids)
     elapsed = time.perf_counter() - start
     s = engine.stats()
-    return {"k": k, "requests": len(prompts), "output_tokens": tokens, "seconds": round(elapsed, 2),
+    return {"k": k, "adaptive": bool(k) and adaptive, "requests": len(prompts), "output_tokens": tokens, "seconds": round(elapsed, 2),
             "tok_s": round(tokens / elapsed, 2), "drafted": s["spec_drafted_tokens"],
             "accepted": s["spec_accepted_tokens"]}
 
@@ -190,8 +193,8 @@ def main() -> None:
         prompts = grounded if args.what == "concurrent" else chat
         for n in [int(c) for c in args.concurrency.split(",")]:
             batch = [prompts[i % len(prompts)] for i in range(n)]
-            for k in (None, args.k):
-                report(concurrent(loaded, batch, k, args.max_tokens, args.ngram_min))
+            for k, adaptive in ((None, False), (args.k, False), (args.k, True)):
+                report(concurrent(loaded, batch, k, args.max_tokens, args.ngram_min, adaptive))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

@@ -23,7 +23,7 @@ PROMPTS = [
     "The history of the bicycle begins",
 ]
 GREEDY = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-SPEC = {"speculative": "ngram", "num_speculative_tokens": 4}
+SPEC = {"speculative": "ngram", "num_speculative_tokens": 4, "adaptive_speculation": False}  # every draft verified
 
 
 def generate(engine, prompt, params):
@@ -62,6 +62,7 @@ def test_greedy_speculation_is_token_identical_in_a_mixed_batch(smollm_engine_fa
 def test_greedy_speculation_with_chunked_prefill_and_small_budgets(smollm_engine_factory, baseline, k):
     """A budget of 6 tokens cuts drafts short and interleaves them with prefill chunks."""
     engine = smollm_engine_factory(num_blocks=256, speculative="ngram", num_speculative_tokens=k,
+                                   adaptive_speculation=False,
                                    scheduler_config=SchedulerConfig(max_num_batched_tokens=6))
     assert run(engine, PROMPTS[:2], GREEDY, arrive_every=1) == baseline[:2]
     assert engine.stats()["spec_accepted_tokens"] > 0

@@ -58,7 +58,8 @@ def truncated_draft(smollm, tmp_path_factory):
 
 
 def draft_engine(factory, draft, k=4, **kwargs):
-    return factory(speculative="draft", draft_model=draft, num_speculative_tokens=k, **kwargs)
+    return factory(speculative="draft", draft_model=draft, num_speculative_tokens=k,
+                   adaptive_speculation=False, **kwargs)
 
 
 def assert_clean(engine):

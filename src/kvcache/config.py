@@ -8,7 +8,7 @@ Derived values are returned by methods, not stored back.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
@@ -301,6 +301,7 @@ class SpeculativeConfig:
     draft_model: str | None = None
     ngram_max: int = 4  # prompt lookup matches the last ngram_max .. ngram_min tokens
     ngram_min: int = 2
+    adaptive: bool = True  # verify drafts only where the engine's step times say they pay
 
     def __post_init__(self) -> None:
         _require(self.method in SPECULATIVE_METHODS,
@@ -314,20 +315,21 @@ class SpeculativeConfig:
                  "A draft model is only used with speculative='draft'.")
         _require(_is_int(self.ngram_min) and _is_int(self.ngram_max) and 1 <= self.ngram_min <= self.ngram_max,
                  f"The n-gram sizes must satisfy 1 <= ngram_min <= ngram_max, got {self.ngram_min}, {self.ngram_max}.")
+        _require(isinstance(self.adaptive, bool), f"adaptive must be True or False, got {self.adaptive!r}.")
 
 
 def speculative_config(method: str | SpeculativeConfig | None, num_tokens: int | None,
-                       draft_model: str | None) -> SpeculativeConfig | None:
+                       draft_model: str | None, adaptive: bool = True) -> SpeculativeConfig | None:
     """Speculative decoding settings from the engine's keyword arguments (None: off); ``method``
     may also be a whole :class:`SpeculativeConfig`."""
     if isinstance(method, SpeculativeConfig) and num_tokens is None and draft_model is None:
-        return method
+        return method if adaptive else replace(method, adaptive=False)
     if method is None:
-        _require(num_tokens is None and draft_model is None,
-                 "num_speculative_tokens and draft_model need speculative='ngram' or 'draft' "
-                 "(--speculative ngram|draft).")
+        _require(num_tokens is None and draft_model is None and adaptive,
+                 "num_speculative_tokens, draft_model and adaptive_speculation need speculative='ngram' "
+                 "or 'draft' (--speculative ngram|draft).")
         return None
-    return SpeculativeConfig(method, 4 if num_tokens is None else num_tokens, draft_model)
+    return SpeculativeConfig(method, 4 if num_tokens is None else num_tokens, draft_model, adaptive=adaptive)
 
 
 def parse_model_dtype(dtype: str) -> str:

@@ -80,6 +80,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-speculative-tokens", type=int_between(1, 64), metavar="K",
                         help="tokens drafted per step with --speculative, at least 1 (default: 4)")
     parser.add_argument("--draft-model", metavar="PATH", help="the draft model for --speculative draft")
+    parser.add_argument("--always-speculate", action="store_true",
+                        help="verify every draft, even where the engine's step times say drafts cost more "
+                             "than they bring (large batches, low acceptance) (default: off)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -105,7 +108,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_memory": parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
         "enable_prefix_caching": not args.no_prefix_caching,
         "max_model_len": args.max_model_len,
-        "speculative": speculative_config(args.speculative, args.num_speculative_tokens, args.draft_model),
+        "speculative": speculative_config(args.speculative, args.num_speculative_tokens, args.draft_model,
+                                          adaptive=not args.always_speculate),
         "scheduler_config": SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                             max_num_batched_tokens=args.max_num_batched_tokens,
                                             preemption_mode=args.preemption_mode),

@@ -20,9 +20,11 @@ from kvcache.engine.detokenizer import IncrementalDetokenizer
 from kvcache.engine.draft_model import DraftModelDrafter, load_draft_model
 from kvcache.engine.request import Request, RequestStatus
 from kvcache.engine.scheduler import Scheduler
+from kvcache.engine.spec_gate import SpeculationGate
 from kvcache.engine.speculative import NgramDrafter, SpecCounters, make_drafter, verify
 from kvcache.models.families import CausalLM, model_class
 from kvcache.models.loader import LoadedModel, load_model
+from kvcache.runtime.plan import SchedulerOutput
 from kvcache.runtime.runner import ModelRunner
 from kvcache.runtime.sampler import logprobs_of, make_generator, sample
 from kvcache.sizing import KVShape, kv_bytes, kv_dtype, parse_bytes
@@ -86,6 +88,13 @@ def build_model(loaded: LoadedModel, dtype: str, device: torch.device) -> Causal
     return model.to(dtype=torch_dtype).eval()
 
 
+def _decode_only(plan: SchedulerOutput) -> bool:
+    """Whether every sequence in the step decodes (one token, or one plus its drafts), with no
+    prefill chunk and no swap: the steps whose times the speculation gate fits."""
+    return not plan.swap_out and not plan.swap_in and all(
+        s.sample and len(s.token_ids) == s.num_spec_tokens + 1 for s in plan.sequences)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -99,7 +108,7 @@ class LLMEngine:
                  max_model_len: int | None = None, device: str | None = None,
                  loaded: LoadedModel | None = None, kv_cache_dtype: str = "auto",
                  speculative: str | SpeculativeConfig | None = None, num_speculative_tokens: int | None = None,
-                 draft_model: str | None = None) -> None:
+                 draft_model: str | None = None, adaptive_speculation: bool = True) -> None:
         if isinstance(kv_cache_memory, str):
             kv_cache_memory = parse_bytes(kv_cache_memory)
         self.dtype = parse_model_dtype(dtype)
@@ -107,7 +116,8 @@ class LLMEngine:
         block_size = kv_dtype(self.kv_cache_dtype).default_block_size if block_size is None else block_size
         self.cache_config = CacheConfig(block_size, num_blocks, kv_cache_memory, enable_prefix_caching)
         self.scheduler_config = scheduler_config or SchedulerConfig()
-        self.speculative_config = speculative_config(speculative, num_speculative_tokens, draft_model)
+        self.speculative_config = speculative_config(speculative, num_speculative_tokens, draft_model,
+                                                     adaptive_speculation)
         self.device = torch.device(device) if device else default_device()
         loaded = loaded or load_model(model)
         spec = self.speculative_config
@@ -134,6 +144,7 @@ class LLMEngine:
                               KVCache(draft_groups[0], blocks, block_size, self.device),
                               spec.num_speculative_tokens, self.scheduler_config, enable_prefix_caching)
         self.spec = SpecCounters()
+        self.spec_gate = SpeculationGate() if spec is not None and spec.adaptive else None
         self._groups: dict[str, _Group] = {}
         self._requests: dict[str, Request] = {}
         self._kept: dict[str, Request] = {}  # finished keep_kv requests still holding their blocks
@@ -261,6 +272,8 @@ class LLMEngine:
     def _forget(self, request: Request) -> None:
         if self.drafter is not None:
             self.drafter.forget(request.request_id)
+        if self.spec_gate is not None:
+            self.spec_gate.forget(request.request_id)
         self._requests.pop(request.request_id, None)
         self._generators.pop(request.request_id, None)
         self.runner.drop_host_blocks(request.request_id)
@@ -272,6 +285,7 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled step; outputs for every request group that advanced or finished."""
+        started = time.perf_counter()
         plan = self.scheduler.schedule()
         if self.drafter is not None:
             for request_id in plan.preempted:
@@ -299,6 +313,8 @@ class LLMEngine:
                 group.error = f"The engine failed on this request ({type(err).__name__})."
                 self._finish_group(group, "error")
         self._propose(to_draft)
+        if self.spec_gate is not None and _decode_only(plan):
+            self.spec_gate.observe_step(plan.num_tokens, time.perf_counter() - started)
         outputs = (self._output(g) for g in touched.values())
         return [out for out in outputs if out is not None]
 
@@ -324,6 +340,9 @@ class LLMEngine:
         """Draft the next step's tokens for every request that goes on, in one call to the drafter
         (a draft model batches them)."""
         requests = [r for r in requests if not r.is_finished]
+        if self.spec_gate is not None:
+            pays = self.spec_gate.drafting([r.request_id for r in requests], len(self.scheduler.running))
+            requests = [r for r, draft in zip(requests, pays) if draft]
         if self.drafter is None or not requests:
             return
         for request, drafts in zip(requests, self.drafter.propose_all(requests)):
@@ -341,6 +360,8 @@ class LLMEngine:
             self.spec.count(num_spec, len(tokens) - 1)
             if self.drafter is not None:
                 self.drafter.observe(request.request_id, num_spec, len(tokens) - 1)
+            if self.spec_gate is not None:
+                self.spec_gate.observe_verification(request.request_id, num_spec, len(tokens) - 1)
         else:
             tokens = sample(logits, [params], [generator])
         request.first_token_time = request.first_token_time or now
@@ -495,6 +516,7 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "fragmentation": (allocated_slots - filled) / allocated_slots if allocated_slots else 0.0,
             **self.spec.stats(),
+            **(self.spec_gate.stats() if self.spec_gate is not None else {}),
             **draft,
         }
 
