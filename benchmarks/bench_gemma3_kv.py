@@ -50,17 +50,10 @@ def hf(loaded: LoadedModel, ids: list[int]) -> int:
 
 def llamacpp(path: Path, ids: list[int], threads: int) -> int:
     """llama.cpp's serialized state of the sequence after the prefill (its held KV cells, F16)."""
-    import llama_cpp as L
     from llamacpp_peer import LlamaCppBatched
     peer = LlamaCppBatched(path, n_ctx=len(ids) + 64, n_seq=1, threads=threads, swa_full=False)
-    for start in range(0, len(ids), peer.n_batch):
-        chunk = ids[start:start + peer.n_batch]
-        for i, token in enumerate(chunk):
-            peer._add(i, token, start + i, 0, start + i == len(ids) - 1)
-        peer.batch.n_tokens = len(chunk)
-        if L.llama_decode(peer.ctx, peer.batch) != 0:
-            raise RuntimeError("llama_decode failed")
-    held = int(L.llama_state_seq_get_size(peer.ctx, 0))
+    peer.prefill(ids)
+    held = peer.seq_state_bytes(0)
     peer.close()
     return held
 

@@ -88,6 +88,20 @@ class LlamaCppBatched:
         b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = token, pos, 1, logits
         b.seq_id[i][0] = seq_id
 
+    def prefill(self, ids: list[int], seq_id: int = 0) -> None:
+        """Compute the KV of ``ids`` for sequence ``seq_id`` in batches of n_batch (logits for the last)."""
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start:start + self.n_batch]
+            for i, token in enumerate(chunk):
+                self._add(i, token, start + i, seq_id, start + i == len(ids) - 1)
+            self.batch.n_tokens = len(chunk)
+            if L.llama_decode(self.ctx, self.batch) != 0:
+                raise RuntimeError("llama_decode failed")
+
+    def seq_state_bytes(self, seq_id: int) -> int:
+        """Bytes of sequence ``seq_id``'s serialized state: the KV cells it holds."""
+        return int(L.llama_state_seq_get_size(self.ctx, seq_id))
+
     def run(self, requests, clock=time.perf_counter):
         """requests: [(key, prompt ids, max_tokens, arrival offset s)] -> {key: (tokens, ttft, finish)}."""
         start = clock()

@@ -176,6 +176,10 @@ def describe(engine: LLMEngine, f: dict[str, Any]) -> str:
     decoded = f["completion_tokens"] - 1
     rate = f", {f['decode_tokens_per_second']:.1f} tok/s" if f["decode_tokens_per_second"] else ""
     match = "match" if f["kv_cache_bytes"] == f["kv_cache_bytes_formula"] else "MISMATCH"
+    draft = engine.stats().get("draft_kv_cache_bytes")
+    draft_line = [] if draft is None else [
+        f"draft    the draft model's own KV pool: {draft:,} B for {engine.pool.num_blocks:,} blocks, beside the "
+        "target's (not in the lines above); its prefill of the prompt counts in the decode time"]
     return "\n".join([
         "",
         f"prefill  {plural(f['prompt_tokens'], 'token')} in {f['prefill_seconds']:.3f} s "
@@ -187,4 +191,5 @@ def describe(engine: LLMEngine, f: dict[str, Any]) -> str:
         f"{plural(f['kv_blocks'], 'block')} of {f['block_size']} allocated = {f['kv_bytes_allocated']:,} B",
         f"formula  2 x {cfg.num_layers} layers x {cfg.num_kv_heads} kv_heads x {cfg.head_dim} head_dim x "
         f"{plural(f['kv_tokens'], 'token')} x 1 x {bpe} B = {f['kv_cache_bytes_formula']:,} B  ({match})",
+        *draft_line,
     ])

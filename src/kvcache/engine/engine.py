@@ -21,7 +21,7 @@ from kvcache.engine.draft_model import DraftModelDrafter, load_draft_model
 from kvcache.engine.request import Request, RequestStatus
 from kvcache.engine.scheduler import Scheduler
 from kvcache.engine.spec_gate import SpeculationGate
-from kvcache.engine.speculative import NgramDrafter, SpecCounters, make_drafter, verify
+from kvcache.engine.speculative import NgramDrafter, NgramProposer, SpecCounters, verify
 from kvcache.models.families import CausalLM, model_class
 from kvcache.models.loader import LoadedModel, load_model
 from kvcache.runtime.plan import SchedulerOutput
@@ -139,10 +139,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool, block_size, tuple(g.spec.window for g in self.kv_groups))
         self.scheduler = Scheduler(self.scheduler_config, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.model, self.storage)
-        self.drafter: NgramDrafter | DraftModelDrafter | None = make_drafter(spec) if draft is None else \
-            DraftModelDrafter(build_model(draft, self.dtype, self.device),
-                              KVCache(draft_groups[0], blocks, block_size, self.device),
-                              spec.num_speculative_tokens, self.scheduler_config, enable_prefix_caching)
+        self.drafter = self._make_drafter(draft, draft_groups, blocks, enable_prefix_caching)
         self.spec = SpecCounters()
         self.spec_gate = SpeculationGate() if spec is not None and spec.adaptive else None
         self._groups: dict[str, _Group] = {}
@@ -277,6 +274,19 @@ class LLMEngine:
         self._requests.pop(request.request_id, None)
         self._generators.pop(request.request_id, None)
         self.runner.drop_host_blocks(request.request_id)
+
+    def _make_drafter(self, draft: LoadedModel | None, draft_groups: tuple, num_blocks: int,
+                      enable_prefix_caching: bool) -> NgramDrafter | DraftModelDrafter | None:
+        """The drafter the speculative config asks for: prompt lookup, a draft model with a KV pool of
+        its own (``num_blocks`` blocks of ``draft_groups``, as many as the target's), or None (off)."""
+        spec = self.speculative_config
+        if spec is None:
+            return None
+        if spec.method == "ngram":
+            return NgramDrafter(NgramProposer(spec.num_speculative_tokens, spec.ngram_max, spec.ngram_min))
+        return DraftModelDrafter(build_model(draft, self.dtype, self.device),
+                                 KVCache(draft_groups[0], num_blocks, self.cache_config.block_size, self.device),
+                                 spec.num_speculative_tokens, self.scheduler_config, enable_prefix_caching)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from kvcache.config import SamplingParams, SpeculativeConfig
+from kvcache.config import SamplingParams
 from kvcache.engine.request import Request
 from kvcache.runtime.sampler import probabilities
 
@@ -156,14 +156,3 @@ class NgramDrafter:
     def stats(self) -> dict[str, int]:
         """Nothing beyond the engine's counters: prompt lookup holds no KV."""
         return {}
-
-
-def make_drafter(config: SpeculativeConfig | None) -> NgramDrafter | None:
-    """The engine's prompt-lookup drafter for ``config`` (None when speculation is off); a draft
-    model's drafter is built by the engine, which owns the models and the KV sizing."""
-    if config is None:
-        return None
-    if config.method == "ngram":
-        return NgramDrafter(NgramProposer(config.num_speculative_tokens, config.ngram_max, config.ngram_min))
-    raise ValueError(f"speculative={config.method!r} needs a model: LLMEngine builds its drafter "
-                     "(kvcache.engine.draft_model.DraftModelDrafter).")
