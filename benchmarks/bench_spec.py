@@ -1,7 +1,7 @@
 """Speculative decoding (prompt lookup) against plain decoding and the peers' prompt lookup, same weights.
 
     python benchmarks/bench_spec.py batch1 [--ks 2,3,4,5,6,7,8] [--peers hf,llamacpp] [--max-tokens 128]
-    python benchmarks/bench_spec.py concurrent [--concurrency 8,32] [--k 4]
+    python benchmarks/bench_spec.py concurrent [--concurrency 8,32] [--k 4] [--repeats 3]
     python benchmarks/bench_spec.py chat [--k 4]
 
 batch1: one request at a time over the 21 input-grounded prompts (benchmarks/spec_workload.py), greedy,
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -153,6 +154,9 @@ def main() -> None:
     ap.add_argument("--ngram-min", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-batch1", action="store_true", help="chat: only the concurrent runs")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="concurrent runs: the three arms alternate this many times; medians reported")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -169,7 +173,7 @@ def main() -> None:
         results.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "outputs"}), flush=True)
 
-    if args.what in ("batch1", "chat"):
+    if args.what == "batch1" or (args.what == "chat" and not args.no_batch1):
         prompts = grounded if args.what == "batch1" else chat
         ks = [int(k) for k in args.ks.split(",")] if args.what == "batch1" else [args.k]
         base = batch1(Ours(loaded, None, args.ngram_min), prompts, args.max_tokens)
@@ -193,8 +197,14 @@ def main() -> None:
         prompts = grounded if args.what == "concurrent" else chat
         for n in [int(c) for c in args.concurrency.split(",")]:
             batch = [prompts[i % len(prompts)] for i in range(n)]
-            for k, adaptive in ((None, False), (args.k, False), (args.k, True)):
-                report(concurrent(loaded, batch, k, args.max_tokens, args.ngram_min, adaptive))
+            arms = ((None, False), (args.k, False), (args.k, True))
+            runs = [[concurrent(loaded, batch, k, args.max_tokens, args.ngram_min, adaptive) for k, adaptive in arms]
+                    for _ in range(args.repeats)]
+            for arm in range(len(arms)):
+                rows = sorted((run[arm] for run in runs), key=lambda r: r["tok_s"])
+                row = dict(rows[len(rows) // 2], tok_s_runs=[r["tok_s"] for r in rows])
+                row["vs_no_speculation"] = round(statistics.median(r[arm]["tok_s"] / r[0]["tok_s"] for r in runs), 3)
+                report(row)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 
