@@ -1,6 +1,7 @@
 """Speculative decoding (prompt lookup) against plain decoding and the peers' prompt lookup, same weights.
 
     python benchmarks/bench_spec.py batch1 [--ks 2,3,4,5,6,7,8] [--peers hf,llamacpp] [--max-tokens 128]
+                                           [--draft-layers 6 --k 4]
     python benchmarks/bench_spec.py concurrent [--concurrency 8,32] [--k 4] [--repeats 3]
     python benchmarks/bench_spec.py chat [--k 4]
 
@@ -48,10 +49,21 @@ def timed(fn) -> float:
 
 
 class Ours:
-    def __init__(self, loaded, k: int | None, ngram_min: int) -> None:
-        spec = SpeculativeConfig("ngram", k, ngram_min=ngram_min) if k else None
+    def __init__(self, loaded, k: int | None, ngram_min: int, draft: str | None = None) -> None:
+        method = "draft" if draft else "ngram"
+        spec = SpeculativeConfig(method, k, draft_model=draft, ngram_min=ngram_min) if k else None
         self.engine = LLMEngine(loaded=loaded, num_blocks=512, enable_prefix_caching=False, speculative=spec)
-        self.name = f"kvcache ngram k={k}" if k else "kvcache (no speculation)"
+        self.name = f"kvcache {method} k={k}" if k else "kvcache (no speculation)"
+
+
+def truncated_self_draft(loaded, num_layers: int, folder: Path) -> str:
+    """The target's first ``num_layers`` layers with its final norm and tied head, saved as a model folder."""
+    from dataclasses import replace
+    from kvcache.models.loader import save_hf_folder
+    weights = {name: t for name, t in loaded.weights.items()
+               if not name.startswith("model.layers.") or int(name.split(".")[2]) < num_layers}
+    save_hf_folder(folder, replace(loaded.config, num_layers=num_layers), weights, loaded.tokenizer)
+    return str(folder)
 
     def generate(self, ids: list[int], max_tokens: int) -> list[int]:
         self.engine.add_request("b", ids, SamplingParams(max_tokens=max_tokens, temperature=0.0))
@@ -154,6 +166,8 @@ def main() -> None:
     ap.add_argument("--ngram-min", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=0, help="use only the first N prompts (0: all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--draft-layers", type=int, default=0,
+                    help="batch1: also --speculative draft (k = --k) with the target's first N layers as the draft")
     ap.add_argument("--no-batch1", action="store_true", help="chat: only the concurrent runs")
     ap.add_argument("--repeats", type=int, default=1,
                     help="concurrent runs: the three arms alternate this many times; medians reported")
@@ -178,8 +192,13 @@ def main() -> None:
         ks = [int(k) for k in args.ks.split(",")] if args.what == "batch1" else [args.k]
         base = batch1(Ours(loaded, None, args.ngram_min), prompts, args.max_tokens)
         report(base)
-        for k in ks:
-            row = batch1(Ours(loaded, k, args.ngram_min), prompts, args.max_tokens)
+        systems = [lambda k=k: Ours(loaded, k, args.ngram_min) for k in ks]
+        if args.draft_layers:
+            import tempfile
+            draft = truncated_self_draft(loaded, args.draft_layers, Path(tempfile.mkdtemp()) / "draft")
+            systems.append(lambda: Ours(loaded, args.k, args.ngram_min, draft))
+        for system in systems:
+            row = batch1(system(), prompts, args.max_tokens)
             row["identical_to_no_speculation"] = row["outputs"] == base["outputs"]
             row["speedup_vs_ours"] = round(row["decode_tok_s"] / base["decode_tok_s"], 3)
             report(row)

@@ -20,13 +20,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kvcache.cache.storage import LayerCache
 from kvcache.config import ModelConfig
 from kvcache.models.attention import AttentionMetadata, paged_attention
-from kvcache.models.layers import AttentionFn, Attention, GatedMLP, OffsetRMSNorm, RotaryEmbedding, gelu_tanh
+from kvcache.models.layers import (AttentionFn, Attention, GatedMLP, OffsetRMSNorm, RotaryEmbedding, gelu_tanh,
+                                   vocab_logits)
 from kvcache.models.weights import assign_weights, map_hf_weights
 
 _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -99,7 +99,7 @@ class Gemma3ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab], soft-capped where the config says."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(hidden, weight).float()
+        logits = vocab_logits(hidden, weight).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

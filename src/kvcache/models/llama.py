@@ -16,7 +16,7 @@ from torch import nn
 from kvcache.cache.storage import LayerCache
 from kvcache.config import ModelConfig
 from kvcache.models.attention import AttentionMetadata, default_scale, paged_attention
-from kvcache.models.layers import AttentionFn, Attention, GatedMLP, RMSNorm, RotaryEmbedding
+from kvcache.models.layers import AttentionFn, Attention, GatedMLP, RMSNorm, RotaryEmbedding, vocab_logits
 from kvcache.models.weights import assign_weights, map_hf_weights
 
 
@@ -63,7 +63,7 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return vocab_logits(hidden, weight).float()
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Take Hugging Face-named tensors as parameters, fusing Q/K/V and gate/up (a view when they are
