@@ -4,6 +4,7 @@ one latent vector per token, decodes attend in the latent space, and the bytes p
 bytes allocated."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -105,3 +106,155 @@ def test_batched_chunked_decode_logits_match_transformers(pair, absorb):
         expected = _hf_logits(hf, prompt + output[:-1])[len(prompt) - 1:]  # [8, vocab]
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
         assert output == expected.argmax(-1).tolist()
+
+
+def test_cached_greedy_equals_recomputation(pair):
+    """Greedy tokens through the paged cache (absorbed decodes, prefix sharing, two lengths in one
+    batch) equal greedy tokens recomputed from scratch every step."""
+    _, folder = pair
+    engine = LLMEngine(str(folder), block_size=4, num_blocks=64, device="cpu")
+    prompts = _prompts((11, 5), seed=5)
+    runs = run_recording_logits(engine, prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    for (output, _), prompt in zip(runs, prompts):
+        assert output == greedy_without_cache(engine.model, prompt, 12)
+
+
+def _random_cache(latent_dim: int, seq_lens: list[int], block_size: int, seed: int):
+    """A latent cache with random vectors for sequences of ``seq_lens`` tokens in shuffled blocks,
+    and the metadata of one decode step of each (the longest first, as the scheduler orders them)."""
+    from kvcache.cache.spec import KVCacheGroup, KVSpec
+    from kvcache.cache.storage import KVCache
+    from kvcache.models.attention import AttentionMetadata, build_masks
+
+    gen = torch.Generator().manual_seed(seed)
+    widths = [-(-n // block_size) for n in seq_lens]
+    order = torch.randperm(sum(widths), generator=gen).tolist()
+    tables, start = [], 0
+    for w in widths:
+        tables.append(order[start:start + w] + [0] * (max(widths) - w))
+        start += w
+    storage = KVCache((KVCacheGroup(0, KVSpec(1, latent_dim, "fp32", None, latent_dim), (0,)),), sum(widths),
+                      block_size)
+    slots = torch.tensor([t[p // block_size] * block_size + p % block_size
+                          for t, n in zip(tables, seq_lens) for p in range(n)])
+    storage.layers[0].write(torch.randn(len(slots), 1, latent_dim, generator=gen), None, slots)
+    last = torch.tensor([t[(n - 1) // block_size] * block_size + (n - 1) % block_size
+                         for t, n in zip(tables, seq_lens)])
+    meta = AttentionMetadata(last, [1] * len(seq_lens), seq_lens, torch.tensor(tables), block_size, len(seq_lens))
+    build_masks(meta, "cpu")
+    return storage.layers[0], meta
+
+
+@pytest.mark.parametrize("seq_lens", [[1], [37], [40, 33, 30, 29, 9, 2]])
+def test_absorbed_decode_equals_the_up_projected_reference(seq_lens):
+    """Attention in the latent space (W_uk folded into the query, W_uv into the output) equals
+    up-projecting every cached latent into per-head keys and values, for a batch of decodes of
+    different lengths (padded and masked together) as for one."""
+    from kvcache.models.mla import absorbed_decode, expanded_mla_attention
+
+    heads, rank, rope, nope, v = 4, 24, 8, 16, 12
+    cache, meta = _random_cache(rank + rope, seq_lens, block_size=4, seed=len(seq_lens))
+    gen = torch.Generator().manual_seed(7)
+    kv_b = torch.randn(heads, nope + v, rank, generator=gen) / rank ** 0.5
+    w = (kv_b[:, :nope], kv_b[:, nope:])
+    q_nope, q_pe = torch.randn(len(seq_lens), heads, nope, generator=gen), torch.randn(len(seq_lens), heads, rope,
+                                                                                       generator=gen)
+    absorbed = absorbed_decode(q_nope, q_pe, cache, meta, w, scale=0.2)
+    expanded = expanded_mla_attention(q_nope, q_pe, cache, meta, w, scale=0.2)
+    assert absorbed.shape == (len(seq_lens), heads, v)
+    torch.testing.assert_close(absorbed, expanded, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kv_cache_dtype, element_bytes", [("auto", 4), ("bfloat16", 2)])
+def test_bytes_planned_equal_bytes_allocated(pair, kv_cache_dtype, element_bytes):
+    """Each token costs every layer kv_lora_rank + qk_rope_head_dim values, no more: the planner, the
+    allocation, the bytes a sequence holds and engine.stats() agree."""
+    _, folder = pair
+    engine = LLMEngine(str(folder), block_size=4, kv_cache_memory=200_000, device="cpu",
+                       kv_cache_dtype=kv_cache_dtype)
+    config = engine.model_config
+    per_token = config.num_layers * (config.mla.kv_lora_rank + config.mla.qk_rope_head_dim) * element_bytes
+    storage = engine.storage
+    assert [g.spec.latent_dim for g in engine.kv_groups] == [32]
+    assert storage.nbytes == storage.planned_nbytes() == storage.num_blocks * 4 * per_token
+    assert storage.num_blocks == 200_000 // (4 * per_token)
+    assert storage.bytes_per_token == per_token and storage.bytes_per_element == element_bytes
+    fmt = "fp32" if element_bytes == 4 else "bf16"
+    assert storage.bytes_held(13) == kv_bytes(KVShape.from_model_config(config), 13, dtype=fmt).total_bytes \
+        == 13 * per_token
+    engine.add_request("r", _prompts([13])[0], SamplingParams(max_tokens=5, ignore_eos=True))
+    engine.step()  # the prompt's 13 tokens: 4 blocks
+    stats = engine.stats()
+    assert stats["num_blocks_used"] == 4 and stats["kv_bytes_used"] == 4 * 4 * per_token
+    assert stats["kv_cache_bytes"] == storage.nbytes and stats["groups"][0]["bytes_used"] == 4 * 4 * per_token
+
+
+def test_size_cli_counts_the_latent(pair, capsys):
+    """``kvcache size --model <folder>`` plans what the engine allocates."""
+    from kvcache.cli import main
+
+    _, folder = pair
+    assert main(["size", "--model", str(folder), "--seq-len", "1000", "--dtype", "fp32", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    config = ModelConfig.from_hf_config(json.loads((folder / "config.json").read_text()))
+    assert result["mla_latent_dim"] == 32
+    assert result["bytes"] == 1000 * config.num_layers * 32 * 4
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "int8", "int4"])
+def test_quantized_latent_caches_are_refused_in_one_sentence(pair, kv_cache_dtype):
+    _, folder = pair
+    with pytest.raises(ValueError, match=f"The KV cache format {kv_cache_dtype} is not available for MLA"):
+        LLMEngine(str(folder), block_size=4, num_blocks=8, device="cpu", kv_cache_dtype=kv_cache_dtype)
+
+
+def test_a_bfloat16_engine_runs_and_mostly_agrees(pair):
+    hf, folder = pair
+    engine = LLMEngine(str(folder), dtype="bfloat16", block_size=4, num_blocks=32, device="cpu")
+    prompt = _prompts([10], seed=9)[0]
+    [(output, logits)] = run_recording_logits(engine, [prompt], SamplingParams(max_tokens=4, temperature=0.0,
+                                                                                ignore_eos=True))
+    expected = _hf_logits(hf, prompt + output[:-1])[len(prompt) - 1:]
+    assert torch.isfinite(logits).all() and (logits - expected).abs().max() < 0.1
+
+
+HUB_V3 = {  # deepseek-ai/DeepSeek-V3's config.json, the facts kvcache reads
+    "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+    "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
+    "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "moe_layer_freq": 1,
+    "first_k_dense_replace": 3, "norm_topk_prob": True, "scoring_func": "sigmoid", "hidden_act": "silu",
+    "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "rope_theta": 10000, "tie_word_embeddings": False,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "num_nextn_predict_layers": 1,
+}
+
+
+def test_the_hubs_deepseek_v3_config():
+    config = ModelConfig.from_hf_config(HUB_V3)
+    assert (config.architecture, config.mla.latent_dim, config.mla.q_lora_rank, config.head_dim) == \
+        ("deepseek_v3", 576, 1536, 192)
+    assert (config.moe.topk_method, config.moe.first_dense, config.moe.is_moe_layer(2), config.moe.is_moe_layer(3)) \
+        == ("noaux_tc", 3, False, True)
+    assert config.yarn.cos_sin_factor() == 1.0 and config.yarn.softmax_scale_factor() == pytest.approx(
+        (0.1 * math.log(40) + 1) ** 2)
+    assert KVShape.from_model_config(config).mla_latent_dim == 576
+    assert [s.latent_dim for s in layer_specs(config, "bf16")] == [576] * 61
+    assert len(group_layers(layer_specs(config, "bf16"))) == 1
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("kv_lora_rank", None, "missing the field 'kv_lora_rank'"),
+    ("scoring_func", "softplus", "MoE scoring_func 'softplus' is not supported"),
+    ("rope_scaling", {"type": "longrope", "factor": 2.0}, "RoPE scaling 'longrope' is not supported"),
+    ("n_group", 3, "n_group \\(3\\) must divide n_routed_experts \\(256\\)"),
+    ("hidden_act", "gelu", "activation 'gelu' is not supported"),
+])
+def test_unsupported_deepseek_configs_are_one_clear_sentence(field, value, words):
+    config = {k: v for k, v in HUB_V3.items() if not (field == "kv_lora_rank" and k == field)}
+    if field != "kv_lora_rank":
+        config[field] = value
+    with pytest.raises(ValueError, match=words):
+        ModelConfig.from_hf_config(config)

@@ -257,6 +257,8 @@ class MoEConfig:
                  f"{' or '.join(MOE_SCORING)}.")
         _require(self.topk_method in MOE_TOPK_METHODS, f"MoE topk_method {self.topk_method!r} is not supported; "
                  f"use one of {', '.join(MOE_TOPK_METHODS)}.")
+        _require(self.topk_method != "noaux_tc" or self.scoring == "sigmoid",
+                 "topk_method noaux_tc needs scoring_func sigmoid.")
         _require(self.num_experts % self.n_group == 0 and self.topk_group <= self.n_group,
                  f"n_group ({self.n_group}) must divide n_routed_experts ({self.num_experts}) and be at least "
                  f"topk_group ({self.topk_group}).")
@@ -337,7 +339,6 @@ def _deepseek_moe(config: Mapping[str, Any], arch: str) -> MoEConfig | None:
     v3 = arch == "deepseek_v3"
     method = config.get("topk_method") or ("noaux_tc" if v3 else "greedy")
     scoring = config.get("scoring_func") or ("sigmoid" if v3 else "softmax")
-    _require(method != "noaux_tc" or scoring == "sigmoid", "topk_method noaux_tc needs scoring_func sigmoid.")
     _require(v3 or not config.get("norm_topk_prob"), "DeepSeek-V2 with norm_topk_prob is not supported (DeepSeek's "
              "code and transformers disagree on what it means; every published V2 config sets it false).")
     return MoEConfig(int(experts), int(config["num_experts_per_tok"]), int(config["moe_intermediate_size"]),
