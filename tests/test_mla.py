@@ -119,7 +119,7 @@ def test_cached_greedy_equals_recomputation(pair):
         assert output == greedy_without_cache(engine.model, prompt, 12)
 
 
-def _random_cache(latent_dim: int, seq_lens: list[int], block_size: int, seed: int):
+def _random_cache(latent_dim: int, seq_lens: list[int], block_size: int, seed: int, kv_format: str):
     """A latent cache with random vectors for sequences of ``seq_lens`` tokens in shuffled blocks,
     and the metadata of one decode step of each (the longest first, as the scheduler orders them)."""
     from kvcache.cache.spec import KVCacheGroup, KVSpec
@@ -133,7 +133,7 @@ def _random_cache(latent_dim: int, seq_lens: list[int], block_size: int, seed: i
     for w in widths:
         tables.append(order[start:start + w] + [0] * (max(widths) - w))
         start += w
-    storage = KVCache((KVCacheGroup(0, KVSpec(1, latent_dim, "fp32", None, latent_dim), (0,)),), sum(widths),
+    storage = KVCache((KVCacheGroup(0, KVSpec(1, latent_dim, kv_format, None, latent_dim), (0,)),), sum(widths),
                       block_size)
     slots = torch.tensor([t[p // block_size] * block_size + p % block_size
                           for t, n in zip(tables, seq_lens) for p in range(n)])
@@ -145,15 +145,16 @@ def _random_cache(latent_dim: int, seq_lens: list[int], block_size: int, seed: i
     return storage.layers[0], meta
 
 
+@pytest.mark.parametrize("kv_format", ["fp32", "int4"])
 @pytest.mark.parametrize("seq_lens", [[1], [37], [40, 33, 30, 29, 9, 2]])
-def test_absorbed_decode_equals_the_up_projected_reference(seq_lens):
+def test_absorbed_decode_equals_the_up_projected_reference(seq_lens, kv_format):
     """Attention in the latent space (W_uk folded into the query, W_uv into the output) equals
     up-projecting every cached latent into per-head keys and values, for a batch of decodes of
     different lengths (padded and masked together) as for one."""
     from kvcache.models.mla import absorbed_decode, expanded_mla_attention
 
     heads, rank, rope, nope, v = 4, 24, 8, 16, 12
-    cache, meta = _random_cache(rank + rope, seq_lens, block_size=4, seed=len(seq_lens))
+    cache, meta = _random_cache(rank + rope, seq_lens, block_size=4, seed=len(seq_lens), kv_format=kv_format)
     gen = torch.Generator().manual_seed(7)
     kv_b = torch.randn(heads, nope + v, rank, generator=gen) / rank ** 0.5
     w = (kv_b[:, :nope], kv_b[:, nope:])
@@ -201,11 +202,29 @@ def test_size_cli_counts_the_latent(pair, capsys):
     assert result["bytes"] == 1000 * config.num_layers * 32 * 4
 
 
+QUANT_ERROR = {"fp8": 0.05, "int8": 0.05, "int4": 0.15}  # largest logit error / largest logit
+
+
 @pytest.mark.parametrize("kv_cache_dtype", ["fp8", "int8", "int4"])
-def test_quantized_latent_caches_are_refused_in_one_sentence(pair, kv_cache_dtype):
-    _, folder = pair
-    with pytest.raises(ValueError, match=f"The KV cache format {kv_cache_dtype} is not available for MLA"):
-        LLMEngine(str(folder), block_size=4, num_blocks=8, device="cpu", kv_cache_dtype=kv_cache_dtype)
+def test_quantized_latent_caches(pair, kv_cache_dtype):
+    """fp8 / int8 / int4 latents: the planner's bytes are the allocation's and a sequence's, and the
+    logits stay near HF's float32 ones (the decode reads through the format, absorbed or not alike)."""
+    hf, folder = pair
+    engine = LLMEngine(str(folder), block_size=4, num_blocks=32, device="cpu", kv_cache_dtype=kv_cache_dtype)
+    storage, shape = engine.storage, KVShape.from_model_config(engine.model_config)
+    assert storage.kv_format == kv_cache_dtype and storage.nbytes == storage.planned_nbytes()
+    assert storage.bytes_held(13) == kv_bytes(shape, 13, dtype=kv_cache_dtype, block_size=4).total_bytes
+    assert storage.bytes_held(13) < kv_bytes(shape, 13, dtype="bf16").total_bytes
+    prompts = _prompts((9, 14), seed=3)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    runs = run_recording_logits(engine, prompts, params)
+    engine.model.absorb_decode = False
+    for ((output, logits), prompt), (expanded_output, expanded) in zip(zip(runs, prompts),
+                                                                       run_recording_logits(engine, prompts, params)):
+        expected = _hf_logits(hf, prompt + output[:-1])[len(prompt) - 1:]
+        assert (logits - expected).abs().max() < QUANT_ERROR[kv_cache_dtype] * expected.abs().max()
+        assert output == expanded_output
+        torch.testing.assert_close(logits, expanded, atol=1e-4, rtol=1e-4)
 
 
 def test_a_bfloat16_engine_runs_and_mostly_agrees(pair):

@@ -5,6 +5,7 @@ counts it, carved into typed regions that all have the block dimension third:
 
     plain (fp32/bf16/fp16)   k, v        [layers, kv_heads, num_blocks, block_size, head_dim]
     MLA latent (fp32/bf16/fp16)  k       [layers, 1, num_blocks, block_size, latent_dim]   ([c | k_pe], no v)
+    MLA latent (fp8/int8/int4)   v_codes, v_scale (+ v_zero)   per token, in groups, as values are
     quantized (fp8/int8/int4)
         k_codes, v_codes                 [layers, kv_heads, num_blocks, block_size, code_width]
         v_scale (+ v_zero for int4)      [layers, kv_heads, num_blocks, block_size, head_dim / group]   per token
@@ -399,6 +400,34 @@ class QuantizedGroup(GroupStorage):
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)  # [heads, n, group, hd]
 
 
+class QuantizedLatentGroup(QuantizedGroup):
+    """MLA latent vectors in fp8 / int8 / int4: encoded per token in groups of ``value_group``, with
+    the values' codec (one vector per token, no keys, so no per-channel statistics). Keys scores
+    decode the blocks read; the weighted sum folds the scales in, as for values."""
+
+    def layout(self):
+        layers, heads, blocks, bs, hd = self._dims()  # heads == 1, hd == latent_dim
+        codec = self.codecs["v"]
+        return ([(f"v_{p}", (layers, heads, blocks, bs, hd // self.value_group), SCALE_DTYPE, True)
+                 for p in self._names("v")]
+                + [("v_codes", (layers, heads, blocks, bs, codec.code_width(hd)), codec.code_dtype, True)])
+
+    def write(self, layer, k, v, slot_mapping):
+        self._write_per_token("v", layer, k, slot_mapping)  # k [T, 1, latent_dim]
+
+    def read_keys(self, layer, block_ids, dtype):
+        return self._decode("v", layer, block_ids, dtype)  # [1, len(ids), bs, latent_dim]
+
+    def read_blocks(self, layer, block_ids, dtype):
+        latent = self.read_keys(layer, block_ids, dtype)
+        return latent, latent
+
+    def key_scores(self, layer, queries, block_ids):
+        heads, n, _, hd = queries.shape
+        latent = self.read_keys(layer, block_ids, queries.dtype).view(heads, n, -1, hd)  # [1, n, W * bs, hd]
+        return torch.matmul(queries, latent.transpose(-1, -2))
+
+
 class KVCache:
     """Every group's KV in one allocation of pages, sized by the planner; ``layers[i]`` is layer i's cache.
 
@@ -483,10 +512,11 @@ class KVCache:
 
 def _allocate(group: KVCacheGroup, num_blocks: int, block_size: int, device: torch.device) -> GroupStorage:
     """The group's storage, or a ValueError when ``device`` cannot hold or convert its format."""
-    if group.spec.latent_dim is not None and group.spec.quantized:
-        raise ValueError(f"The KV cache format {group.spec.kv_format} is not available for MLA (latent) caches "
-                         "yet; use kv_cache_dtype auto, float32 or bfloat16.")
-    cls = QuantizedGroup if group.spec.quantized else LatentGroup if group.spec.latent_dim else PlainGroup
+    latent = group.spec.latent_dim is not None
+    if group.spec.quantized:
+        cls = QuantizedLatentGroup if latent else QuantizedGroup
+    else:
+        cls = LatentGroup if latent else PlainGroup
     try:
         probe = cls(group, 1, block_size, device)
         probe.layers[0].write(torch.zeros(1, group.spec.num_kv_heads, group.spec.head_dim, device=device),
