@@ -277,3 +277,16 @@ def test_unsupported_deepseek_configs_are_one_clear_sentence(field, value, words
         config[field] = value
     with pytest.raises(ValueError, match=words):
         ModelConfig.from_hf_config(config)
+
+
+def test_generate_and_size_commands_on_a_deepseek_folder(pair, capsys):
+    """``kvcache generate`` runs the folder and its KV figures match the formula it prints (the
+    latent one); ``kvcache size`` says MLA in words."""
+    from kvcache.cli import main
+
+    _, folder = pair
+    assert main(["generate", "abc", "--model", str(folder), "--max-tokens", "3", "--temperature", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "latent values" in err and "(match)" in err
+    assert main(["size", "--model", str(folder), "--seq-len", "100"]) == 0
+    assert "MLA: one latent vector" in capsys.readouterr().out
