@@ -3,14 +3,12 @@ through the paged engine; the config read from config.json and GGUF metadata."""
 
 import pytest
 import torch
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tiny_models import byte_tokenizer, run_recording_logits
 
 from kvcache.cache.spec import group_layers, layer_specs
 from kvcache.config import ModelConfig, SamplingParams, SchedulerConfig
 from kvcache.engine.engine import LLMEngine, build_model
 from kvcache.models.loader import LoadedModel
-from kvcache.models.tokenizer import Tokenizer
 from kvcache.runtime.reference import logits_without_cache
 from kvcache.sizing import KVShape
 
@@ -48,18 +46,10 @@ def _hf_model(name: str):
     return model
 
 
-def _byte_tokenizer() -> Tokenizer:
-    """A real byte-level tokenizer over the tiny vocabulary (one token per byte, no merges)."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.decoder = decoders.ByteLevel()
-    return Tokenizer(backend, bos_token_id=None, eos_token_ids=frozenset(), add_bos=False, chat_template=None)
-
-
 def _loaded(hf) -> LoadedModel:
     config = ModelConfig.from_hf_config(hf.config.to_dict())
     weights = {k: v.detach().clone() for k, v in hf.state_dict().items()}
-    return LoadedModel(config, weights, _byte_tokenizer(), "hf")
+    return LoadedModel(config, weights, byte_tokenizer(), "hf")
 
 
 def _hf_logits(hf, ids: list[int]) -> torch.Tensor:
@@ -83,27 +73,13 @@ def test_batched_chunked_decode_logits_match_transformers(name):
     hf = _hf_model(name)
     engine = LLMEngine(loaded=_loaded(hf), block_size=4, num_blocks=96, device="cpu",
                        scheduler_config=SchedulerConfig(max_num_batched_tokens=12, long_prefill_token_threshold=6))
-    seen: dict[str, list[torch.Tensor]] = {}
-    execute = engine.runner.execute
-
-    def recording(plan):  # keeps what the real runner returned; changes nothing
-        out = execute(plan)
-        for rid, row in zip(out.request_ids, out.logits):
-            seen.setdefault(rid, []).append(row.clone())
-        return out
-    engine.runner.execute = recording
-
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (9, 17, 6)]
     params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-    ids = [engine.add_request(None, p, params) for p in prompts]
-    done = {}
-    while engine.has_unfinished_requests():
-        done.update({o.request_id: o for o in engine.step() if o.finished})
-    for rid, prompt in zip(ids, prompts):
-        output = done[rid].outputs[0].token_ids
+    runs = run_recording_logits(engine, prompts, params)
+    for (output, logits), prompt in zip(runs, prompts):
         expected = _hf_logits(hf, prompt + output[:-1])[len(prompt) - 1:]  # [10, vocab]
-        torch.testing.assert_close(torch.stack(seen[f"{rid}#0"]), expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
         assert output == expected.argmax(-1).tolist()
 
 

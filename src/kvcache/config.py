@@ -11,9 +11,12 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3", "deepseek_v2", "deepseek_v3")
+GGUF_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")  # what the GGUF reader maps
+MLA_ARCHITECTURES = ("deepseek_v2", "deepseek_v3")  # multi-head latent attention: one latent vector cached
 # config.json model_type -> architecture (a multimodal gemma3 config nests the text model's facts)
-HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3"}
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gemma3_text": "gemma3", "gemma3": "gemma3",
+                  "deepseek_v2": "deepseek_v2", "deepseek_v3": "deepseek_v3"}
 GEMMA3_LOCAL_ROPE_THETA = 10000.0  # RoPE base of Gemma-3's sliding layers when the file does not say
 GEMMA3_SLIDING_PATTERN = 6  # every 6th Gemma-3 layer is global when the file does not list layer types
 MODEL_DTYPES = ("float32", "bfloat16")
@@ -49,9 +52,17 @@ class ModelConfig:
     rope_scaling_factor: float = 1.0  # linear RoPE scaling of full-attention layers (Gemma-3 4B and up: 8)
     query_pre_attn_scalar: float | None = None  # attention scores scale by this ** -0.5 (None: head_dim)
     final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap) when set
+    mla: MLAConfig | None = None  # DeepSeek-V2/V3 latent attention (head_dim is then the q/k head width)
+    moe: MoEConfig | None = None  # routed + shared experts on some layers (the others: the dense MLP)
+    yarn: YarnConfig | None = None  # YaRN RoPE scaling (DeepSeek's long-context configs)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_windows", tuple(self.layer_windows))  # a list from JSON
+        for name, cls in (("mla", MLAConfig), ("moe", MoEConfig), ("yarn", YarnConfig)):
+            if isinstance(getattr(self, name), Mapping):  # asdict() output read back from JSON
+                object.__setattr__(self, name, cls(**getattr(self, name)))
+        _require((self.mla is not None) == (self.architecture in MLA_ARCHITECTURES),
+                 f"Architecture {self.architecture!r} {'needs' if self.mla is None else 'takes no'} MLA settings.")
         _require(
             self.architecture in SUPPORTED_ARCHITECTURES,
             f"Unsupported architecture {self.architecture!r}; kvcache runs "
@@ -111,7 +122,8 @@ class ModelConfig:
             heads = int(config["num_attention_heads"])
             head_dim = config.get("head_dim") or hidden // heads
             layers = int(config["num_hidden_layers"])
-            extra = _gemma3_hf_fields(config, layers) if arch == "gemma3" else _llama_hf_fields(config)
+            extra = _gemma3_hf_fields(config, layers) if arch == "gemma3" else \
+                _deepseek_hf_fields(config, arch) if arch in MLA_ARCHITECTURES else _llama_hf_fields(config)
             return cls(
                 architecture=arch,
                 vocab_size=int(config["vocab_size"]),
@@ -119,8 +131,8 @@ class ModelConfig:
                 intermediate_size=int(config["intermediate_size"]),
                 num_layers=layers,
                 num_heads=heads,
-                num_kv_heads=int(config.get("num_key_value_heads") or heads),
-                head_dim=int(head_dim),
+                num_kv_heads=int(extra.pop("num_kv_heads", None) or config.get("num_key_value_heads") or heads),
+                head_dim=int(extra.pop("head_dim", head_dim)),
                 max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", arch == "gemma3")),
@@ -137,9 +149,9 @@ class ModelConfig:
         """Read GGUF metadata (``<arch>.block_count`` etc.) as written by llama.cpp's converter."""
         arch = meta.get("general.architecture", "")
         _require(
-            arch in SUPPORTED_ARCHITECTURES,
+            arch in GGUF_ARCHITECTURES,
             f"Unsupported GGUF architecture {arch!r}; kvcache runs "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)} models.",
+            f"{', '.join(GGUF_ARCHITECTURES)} models.",
         )
 
         def field(name: str, default: Any = None) -> Any:
@@ -171,6 +183,169 @@ class ModelConfig:
             sliding_window=int(sliding) if sliding else None,
             **extra,
         )
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """DeepSeek's multi-head latent attention, per layer:
+
+        q        = q_b(norm(q_a(x))) or q_proj(x)             [heads, qk_nope + qk_rope]
+        c, k_pe  = split(kv_a_proj_with_mqa(x))                [kv_lora_rank], [qk_rope]   (shared by all heads)
+        cached   = [norm(c) | rope(k_pe)]                      latent_dim values per token
+        k, v     = kv_b(norm(c)) per head                      [heads, qk_nope], [heads, v_head_dim]
+    """
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None  # None: one plain q_proj
+    rope_interleave: bool = True  # the rope dims of q and k_pe come in (even, odd) pairs
+
+    def __post_init__(self) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _require(getattr(self, name) >= 1, f"MLA field {name} must be at least 1, got {getattr(self, name)}.")
+        _require(self.q_lora_rank is None or self.q_lora_rank >= 1, "q_lora_rank must be at least 1 when set.")
+        _require(self.qk_rope_head_dim % 2 == 0,
+                 f"qk_rope_head_dim must be even for rotary embeddings, got {self.qk_rope_head_dim}.")
+
+    @property
+    def latent_dim(self) -> int:
+        """Values one token caches per layer: the normalized latent and the rotated shared key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+MOE_SCORING = ("softmax", "sigmoid")
+MOE_TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Routed experts (``experts_per_token`` of ``num_experts`` per token) plus always-on shared
+    experts, on layers ``first_dense`` on (every ``layer_freq``-th); DeepSeek's gates:
+
+        V2: softmax scores; top-k over all experts (greedy) or within the best ``topk_group`` of
+            ``n_group`` groups by their best score (group_limited_greedy)
+        V3: sigmoid scores; choice by score + correction bias within the best groups by the sum of
+            their two best (noaux_tc); weights are the scores without the bias
+        then: normalized to sum 1 where ``norm_topk_prob``, times ``routed_scaling_factor``
+    """
+
+    num_experts: int
+    experts_per_token: int
+    intermediate_size: int
+    num_shared_experts: int = 0
+    first_dense: int = 0
+    layer_freq: int = 1
+    scoring: str = "softmax"
+    topk_method: str = "greedy"
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "experts_per_token", "intermediate_size", "layer_freq", "n_group", "topk_group"):
+            _require(getattr(self, name) >= 1, f"MoE field {name} must be at least 1, got {getattr(self, name)}.")
+        _require(self.experts_per_token <= self.num_experts,
+                 f"num_experts_per_tok ({self.experts_per_token}) exceeds n_routed_experts ({self.num_experts}).")
+        _require(self.scoring in MOE_SCORING, f"MoE scoring_func {self.scoring!r} is not supported; use "
+                 f"{' or '.join(MOE_SCORING)}.")
+        _require(self.topk_method in MOE_TOPK_METHODS, f"MoE topk_method {self.topk_method!r} is not supported; "
+                 f"use one of {', '.join(MOE_TOPK_METHODS)}.")
+        _require(self.topk_method != "noaux_tc" or self.scoring == "sigmoid",
+                 "topk_method noaux_tc needs scoring_func sigmoid.")
+        _require(self.num_experts % self.n_group == 0 and self.topk_group <= self.n_group,
+                 f"n_group ({self.n_group}) must divide n_routed_experts ({self.num_experts}) and be at least "
+                 f"topk_group ({self.topk_group}).")
+        _require(self.topk_method != "noaux_tc" or self.num_experts // self.n_group >= 2,
+                 "noaux_tc ranks groups by their two best experts; every group needs at least two.")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer >= self.first_dense and layer % self.layer_freq == 0
+
+
+@dataclass(frozen=True)
+class YarnConfig:
+    """YaRN RoPE scaling as DeepSeek uses it: frequencies blended between interpolated (/ factor)
+    and original by a ramp over the dims, cos/sin times ``attention_factor``, and the softmax scale
+    times mscale(factor, mscale_all_dim) ** 2."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None  # None: derived from factor and the mscales
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.factor > 0 and self.original_max_position_embeddings >= 1,
+                 "YaRN RoPE scaling needs a positive factor and original_max_position_embeddings.")
+
+    def cos_sin_factor(self) -> float:
+        """What cos and sin (and so the rotated q and k) are multiplied by."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor)
+
+    def softmax_scale_factor(self) -> float:
+        """What the attention scores' scale is multiplied by (DeepSeek: mscale_all_dim ** 2)."""
+        return yarn_mscale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _deepseek_hf_fields(config: Mapping[str, Any], arch: str) -> dict[str, Any]:
+    """DeepSeek-V2/V3's own facts from config.json: the MLA sizes, the experts, YaRN."""
+    _require(not config.get("mlp_bias"), "DeepSeek configs with mlp_bias are not supported.")
+    activation = config.get("hidden_act", "silu")
+    _require(activation == "silu", f"DeepSeek with activation {activation!r} is not supported; kvcache runs silu.")
+    mla = MLAConfig(int(config["kv_lora_rank"]), int(config["qk_nope_head_dim"]), int(config["qk_rope_head_dim"]),
+                    int(config["v_head_dim"]), None if config.get("q_lora_rank") is None else int(config["q_lora_rank"]),
+                    arch == "deepseek_v2" or bool(config.get("rope_interleave", True)))
+    rope = dict(config.get("rope_scaling") or config.get("rope_parameters") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    _require(kind in ("default", "yarn", None), f"RoPE scaling {kind!r} is not supported for DeepSeek; plain "
+             "and yarn RoPE are.")
+    yarn = None
+    if kind == "yarn":
+        original = int(rope.get("original_max_position_embeddings") or config.get("max_position_embeddings", 4096))
+        factor = rope.get("factor") or int(config.get("max_position_embeddings", original)) / original
+        yarn = YarnConfig(float(factor), original, float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1),
+                          rope.get("mscale"), rope.get("mscale_all_dim"), rope.get("attention_factor"),
+                          bool(rope.get("truncate", True)))
+    heads = int(config["num_attention_heads"])
+    return {"mla": mla, "moe": _deepseek_moe(config, arch), "yarn": yarn, "num_kv_heads": heads,
+            "head_dim": mla.qk_head_dim,
+            "rope_theta": float(config.get("rope_theta") or rope.get("rope_theta")
+                                or (config.get("rope_parameters") or {}).get("rope_theta") or 10000.0)}
+
+
+def _deepseek_moe(config: Mapping[str, Any], arch: str) -> MoEConfig | None:
+    """The experts of a DeepSeek config.json, or None for a dense model."""
+    experts = config.get("n_routed_experts")
+    if not experts or not config.get("num_experts_per_tok"):
+        return None
+    v3 = arch == "deepseek_v3"
+    method = config.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+    scoring = config.get("scoring_func") or ("sigmoid" if v3 else "softmax")
+    _require(v3 or not config.get("norm_topk_prob"), "DeepSeek-V2 with norm_topk_prob is not supported (DeepSeek's "
+             "code and transformers disagree on what it means; every published V2 config sets it false).")
+    return MoEConfig(int(experts), int(config["num_experts_per_tok"]), int(config["moe_intermediate_size"]),
+                     int(config.get("n_shared_experts") or 0), int(config.get("first_k_dense_replace") or 0),
+                     int(config.get("moe_layer_freq") or 1), scoring, method, int(config.get("n_group") or 1),
+                     int(config.get("topk_group") or 1), bool(config.get("norm_topk_prob", v3)),
+                     float(config.get("routed_scaling_factor") or 1.0))
 
 
 def _llama_hf_fields(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -97,6 +97,9 @@ class KVShape:
 
     @classmethod
     def from_model_config(cls, config: ModelConfig) -> "KVShape":
+        if config.mla is not None:  # one vector per token per layer, no heads
+            latent = config.mla.latent_dim
+            return cls(config.num_layers, 1, latent, mla_latent_dim=latent)
         windows = config.windows if any(w is not None for w in config.windows) else ()
         return cls(config.num_layers, config.num_kv_heads, config.head_dim, windows)
 
@@ -237,8 +240,10 @@ def preset(name: str) -> ModelPreset:
 
 
 def count_params(config: ModelConfig) -> int:
-    """Parameters of a llama-family or Gemma-3 decoder (embeddings, attention, gated MLP, norms, head;
-    Gemma-3 adds two norms per layer and a q and k norm per head)."""
+    """Parameters of a llama-family, Gemma-3 or DeepSeek decoder (embeddings, attention, gated MLP or
+    experts, norms, head; Gemma-3 adds two norms per layer and a q and k norm per head)."""
+    if config.mla is not None:
+        return _count_mla_params(config)
     h, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     attention = h * q + 2 * h * kv + q * h + (q + 2 * kv if config.attention_bias else 0) + \
         (h if config.output_bias else 0)
@@ -246,6 +251,23 @@ def count_params(config: ModelConfig) -> int:
     per_layer = attention + 3 * h * config.intermediate_size + norms
     head = 0 if config.tie_word_embeddings else config.vocab_size * h
     return config.vocab_size * h + config.num_layers * per_layer + h + head
+
+
+def _count_mla_params(config: ModelConfig) -> int:
+    """A DeepSeek-V2/V3 decoder: MLA projections, dense MLP or routed + shared experts (and the gate)."""
+    h, heads, mla, moe = config.hidden_size, config.num_heads, config.mla, config.moe
+    q_out = heads * mla.qk_head_dim
+    q = h * q_out if mla.q_lora_rank is None else h * mla.q_lora_rank + mla.q_lora_rank + mla.q_lora_rank * q_out
+    attention = q + h * mla.latent_dim + mla.kv_lora_rank + \
+        mla.kv_lora_rank * heads * (mla.qk_nope_head_dim + mla.v_head_dim) + heads * mla.v_head_dim * h
+    total = config.vocab_size * h * (1 if config.tie_word_embeddings else 2) + h
+    for layer in range(config.num_layers):
+        if moe is not None and moe.is_moe_layer(layer):
+            mlp = 3 * h * moe.intermediate_size * (moe.num_experts + moe.num_shared_experts) + moe.num_experts * h
+        else:
+            mlp = 3 * h * config.intermediate_size
+        total += attention + mlp + 2 * h
+    return total
 
 
 # --- capacity questions ---------------------------------------------------------------------

@@ -40,12 +40,18 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: str) -> str:
 @dataclass(frozen=True)
 class KVSpec:
     """What one layer caches per token: ``num_kv_heads`` x ``head_dim`` keys and values in ``kv_format``,
-    for every token (``window`` None) or only the last ``window`` tokens."""
+    for every token (``window`` None) or only the last ``window`` tokens.
+
+    An MLA layer (``latent_dim`` set) caches one vector of ``latent_dim`` values per token and no
+    separate values: the normalized latent and the rotated shared key, [c | k_pe]. It is laid out as
+    one kv head of ``head_dim == latent_dim``, so the decode reads treat it as multi-query attention.
+    """
 
     num_kv_heads: int
     head_dim: int
     kv_format: str  # a planner format name: fp32, bf16, fp16, fp8, int8, int4
     window: int | None = None
+    latent_dim: int | None = None  # MLA: kv_lora_rank + qk_rope_head_dim values per token, keys only
 
     def __post_init__(self) -> None:
         if self.num_kv_heads < 1 or self.head_dim < 1:
@@ -55,6 +61,9 @@ class KVSpec:
             raise ValueError(f"int4 packs two values a byte and needs an even head_dim, got {self.head_dim}.")
         if self.window is not None and self.window < 1:
             raise ValueError(f"A sliding window must be at least 1 token, got {self.window}.")
+        if self.latent_dim is not None and (self.num_kv_heads, self.head_dim) != (1, self.latent_dim):
+            raise ValueError(f"An MLA spec caches one latent vector: 1 kv head of head_dim {self.latent_dim} "
+                             f"(got {self.num_kv_heads} x {self.head_dim}).")
 
     @property
     def quantized(self) -> bool:
@@ -71,13 +80,18 @@ class KVCacheGroup:
 
     def block_bytes(self, block_size: int) -> int:
         """Bytes one block of this group takes across its layers, as the planner counts them."""
-        shape = KVShape(len(self.layers), self.spec.num_kv_heads, self.spec.head_dim)
+        shape = KVShape(len(self.layers), self.spec.num_kv_heads, self.spec.head_dim,
+                        mla_latent_dim=self.spec.latent_dim)
         return block_bytes(shape, block_size, self.spec.kv_format)
 
 
 def layer_specs(config: ModelConfig, kv_format: str) -> tuple[KVSpec, ...]:
     """One spec per layer: the same heads, head dim and format everywhere, each layer's own window
-    (Gemma-3's sliding layers hold ``window`` tokens, its global layers every token)."""
+    (Gemma-3's sliding layers hold ``window`` tokens, its global layers every token); an MLA model's
+    layers each cache one latent vector (see :class:`KVSpec`)."""
+    if config.mla is not None:
+        latent = config.mla.latent_dim
+        return tuple(KVSpec(1, latent, kv_format, None, latent) for _ in range(config.num_layers))
     return tuple(KVSpec(config.num_kv_heads, config.head_dim, kv_format, window) for window in config.windows)
 
 

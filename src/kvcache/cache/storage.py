@@ -4,6 +4,8 @@ Each group (see :mod:`kvcache.cache.spec`) owns one byte buffer, sized exactly a
 counts it, carved into typed regions that all have the block dimension third:
 
     plain (fp32/bf16/fp16)   k, v        [layers, kv_heads, num_blocks, block_size, head_dim]
+    MLA latent (fp32/bf16/fp16)  k       [layers, 1, num_blocks, block_size, latent_dim]   ([c | k_pe], no v)
+    MLA latent (fp8/int8/int4)   v_codes, v_scale (+ v_zero)   per token, in groups, as values are
     quantized (fp8/int8/int4)
         k_codes, v_codes                 [layers, kv_heads, num_blocks, block_size, code_width]
         v_scale (+ v_zero for int4)      [layers, kv_heads, num_blocks, block_size, head_dim / group]   per token
@@ -42,8 +44,9 @@ class LayerCache:
     def num_kv_heads(self) -> int:
         return self.group.group.spec.num_kv_heads
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Store keys and values [num_tokens, kv_heads, head_dim] at ``slot_mapping`` [num_tokens]."""
+    def write(self, k: torch.Tensor, v: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
+        """Store keys and values [num_tokens, kv_heads, head_dim] at ``slot_mapping`` [num_tokens]
+        (an MLA layer: its latent vectors [num_tokens, 1, latent_dim] as ``k``, and ``v`` None)."""
         self.group.write(self.local_index, k, v, slot_mapping)
 
     def read_blocks(self, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,6 +199,30 @@ class PlainGroup(GroupStorage):
         heads, n, _, length = weights.shape
         values = self.gather("v", layer, block_ids).to(weights.dtype)  # [heads, n * W, bs, hd]
         return torch.matmul(weights, values.view(heads, n, -1, values.shape[-1])[:, :, :length])
+
+
+class LatentGroup(PlainGroup):
+    """MLA layers: one latent vector per token ([c | k_pe], latent_dim values), kept as it is, and no
+    separate values. Read as the keys of one kv head; the "values" a decode weighs are the same
+    vectors, whole (the caller keeps the first kv_lora_rank values, the latent c)."""
+
+    def layout(self):
+        layers, heads, blocks, bs, hd = self._dims()  # heads == 1, hd == latent_dim
+        return [("k", (layers, heads, blocks, bs, hd), PLAIN_DTYPES[self.group.spec.kv_format], True)]
+
+    def write(self, layer, k, v, slot_mapping):
+        _, heads, blocks, bs, hd = self._dims()
+        flat = self.regions["k"][layer].view(heads, blocks * bs, hd)
+        flat.index_copy_(1, slot_mapping, k.transpose(0, 1).to(flat.dtype))  # k [T, 1, latent_dim]
+
+    def read_blocks(self, layer, block_ids, dtype):
+        latent = self.read_keys(layer, block_ids, dtype)  # [1, len(ids), bs, latent_dim]
+        return latent, latent
+
+    def weighted_values(self, layer, weights, block_ids):
+        heads, n, _, length = weights.shape
+        latent = self.gather("k", layer, block_ids).to(weights.dtype)  # [1, n * W, bs, latent_dim]
+        return torch.matmul(weights, latent.view(heads, n, -1, latent.shape[-1])[:, :, :length])
 
 
 class QuantizedGroup(GroupStorage):
@@ -373,6 +400,34 @@ class QuantizedGroup(GroupStorage):
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)  # [heads, n, group, hd]
 
 
+class QuantizedLatentGroup(QuantizedGroup):
+    """MLA latent vectors in fp8 / int8 / int4: encoded per token in groups of ``value_group``, with
+    the values' codec (one vector per token, no keys, so no per-channel statistics). Keys scores
+    decode the blocks read; the weighted sum folds the scales in, as for values."""
+
+    def layout(self):
+        layers, heads, blocks, bs, hd = self._dims()  # heads == 1, hd == latent_dim
+        codec = self.codecs["v"]
+        return ([(f"v_{p}", (layers, heads, blocks, bs, hd // self.value_group), SCALE_DTYPE, True)
+                 for p in self._names("v")]
+                + [("v_codes", (layers, heads, blocks, bs, codec.code_width(hd)), codec.code_dtype, True)])
+
+    def write(self, layer, k, v, slot_mapping):
+        self._write_per_token("v", layer, k, slot_mapping)  # k [T, 1, latent_dim]
+
+    def read_keys(self, layer, block_ids, dtype):
+        return self._decode("v", layer, block_ids, dtype)  # [1, len(ids), bs, latent_dim]
+
+    def read_blocks(self, layer, block_ids, dtype):
+        latent = self.read_keys(layer, block_ids, dtype)
+        return latent, latent
+
+    def key_scores(self, layer, queries, block_ids):
+        heads, n, _, hd = queries.shape
+        latent = self.read_keys(layer, block_ids, queries.dtype).view(heads, n, -1, hd)  # [1, n, W * bs, hd]
+        return torch.matmul(queries, latent.transpose(-1, -2))
+
+
 class KVCache:
     """Every group's KV in one allocation of pages, sized by the planner; ``layers[i]`` is layer i's cache.
 
@@ -424,7 +479,8 @@ class KVCache:
     def bytes_per_element(self) -> float:
         """Bytes per cached key or value, packing and scales included."""
         spec, slots = self.pages.group.spec, len(self.pages.group.layers)
-        return self.nbytes / (self.num_blocks * self.block_size * slots * 2 * spec.num_kv_heads * spec.head_dim)
+        values = spec.latent_dim or 2 * spec.num_kv_heads * spec.head_dim  # per token per layer
+        return self.nbytes / (self.num_blocks * self.block_size * slots * values)
 
     def planned_nbytes(self) -> int:
         """What the planner says ``num_blocks`` blocks cost (equal to :attr:`nbytes`, tested)."""
@@ -456,7 +512,11 @@ class KVCache:
 
 def _allocate(group: KVCacheGroup, num_blocks: int, block_size: int, device: torch.device) -> GroupStorage:
     """The group's storage, or a ValueError when ``device`` cannot hold or convert its format."""
-    cls = QuantizedGroup if group.spec.quantized else PlainGroup
+    latent = group.spec.latent_dim is not None
+    if group.spec.quantized:
+        cls = QuantizedLatentGroup if latent else QuantizedGroup
+    else:
+        cls = LatentGroup if latent else PlainGroup
     try:
         probe = cls(group, 1, block_size, device)
         probe.layers[0].write(torch.zeros(1, group.spec.num_kv_heads, group.spec.head_dim, device=device),

@@ -180,6 +180,8 @@ def describe(engine: LLMEngine, f: dict[str, Any]) -> str:
     draft_line = [] if draft is None else [
         f"draft    the draft model's own KV pool: {draft:,} B for {engine.pool.num_blocks:,} blocks, beside the "
         "target's (not in the lines above); its prefill of the prompt counts in the decode time"]
+    per_token_formula = f"{cfg.num_layers} layers x {cfg.mla.latent_dim} latent values" if cfg.mla else \
+        f"2 x {cfg.num_layers} layers x {cfg.num_kv_heads} kv_heads x {cfg.head_dim} head_dim"
     return "\n".join([
         "",
         f"prefill  {plural(f['prompt_tokens'], 'token')} in {f['prefill_seconds']:.3f} s "
@@ -189,7 +191,7 @@ def describe(engine: LLMEngine, f: dict[str, Any]) -> str:
         f"KV held  {f['kv_cache_bytes']:,} B for {plural(f['kv_tokens'], 'token')} "
         f"({engine.storage.bytes_per_token:,} B/token, read off the cache tensors); "
         f"{plural(f['kv_blocks'], 'block')} of {f['block_size']} allocated = {f['kv_bytes_allocated']:,} B",
-        f"formula  2 x {cfg.num_layers} layers x {cfg.num_kv_heads} kv_heads x {cfg.head_dim} head_dim x "
+        f"formula  {per_token_formula} x "
         f"{plural(f['kv_tokens'], 'token')} x 1 x {bpe} B = {f['kv_cache_bytes_formula']:,} B  ({match})",
         *draft_line,
     ])

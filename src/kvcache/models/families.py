@@ -3,12 +3,14 @@
 from torch import nn
 
 from kvcache.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from kvcache.models.deepseek import DeepseekForCausalLM
 from kvcache.models.gemma3 import Gemma3ForCausalLM
 from kvcache.models.llama import LlamaForCausalLM
 
-CausalLM = LlamaForCausalLM | Gemma3ForCausalLM  # what build_model returns; the runner calls either alike
+CausalLM = LlamaForCausalLM | Gemma3ForCausalLM | DeepseekForCausalLM  # what build_model returns; called alike
 MODEL_CLASSES: dict[str, type[nn.Module]] = {"llama": LlamaForCausalLM, "mistral": LlamaForCausalLM,
-                                             "qwen2": LlamaForCausalLM, "gemma3": Gemma3ForCausalLM}
+                                             "qwen2": LlamaForCausalLM, "gemma3": Gemma3ForCausalLM,
+                                             "deepseek_v2": DeepseekForCausalLM, "deepseek_v3": DeepseekForCausalLM}
 
 
 def model_class(config: ModelConfig) -> type[nn.Module]:

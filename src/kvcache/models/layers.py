@@ -108,15 +108,17 @@ class Attention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """down(act(gate(x)) * up(x)), gate and up fused into one matmul."""
+    """down(act(gate(x)) * up(x)), gate and up fused into one matmul; ``intermediate_size`` defaults
+    to the config's (DeepSeek's shared experts are narrower)."""
 
-    def __init__(self, config: ModelConfig, activation: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, config: ModelConfig, activation: Callable[[torch.Tensor], torch.Tensor],
+                 intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.intermediate = config.intermediate_size
+        self.intermediate = intermediate_size or config.intermediate_size
         self.activation = activation
         # gate and up projections fused: [2 * intermediate, hidden]
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
+        self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)

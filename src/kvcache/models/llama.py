@@ -36,12 +36,21 @@ class LlamaForCausalLM(nn.Module):
         # _weight: no random init, the weights are always loaded (normal_ on the meta device costs ~2 s of imports)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
                                          _weight=torch.empty(config.vocab_size, config.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(self.build_layer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rope = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.rope = self.build_rope(config)
         self.lm_head = None if config.tie_word_embeddings else \
             nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.attention_fn: AttentionFn = paged_attention
+
+    @staticmethod
+    def build_layer(config: ModelConfig, index: int) -> nn.Module:
+        """Decoder layer ``index``: norms, ``self_attn(x, cos_sin, cache, meta, attention_fn)``, ``mlp``."""
+        return DecoderLayer(config)
+
+    @staticmethod
+    def build_rope(config: ModelConfig) -> RotaryEmbedding:
+        return RotaryEmbedding(config.head_dim, config.rope_theta)
 
     def reset_buffers(self) -> None:
         """Recompute the non-persistent buffers (RoPE frequencies), e.g. after a meta-device build."""
