@@ -55,16 +55,6 @@ class Ours:
         self.engine = LLMEngine(loaded=loaded, num_blocks=512, enable_prefix_caching=False, speculative=spec)
         self.name = f"kvcache {method} k={k}" if k else "kvcache (no speculation)"
 
-
-def truncated_self_draft(loaded, num_layers: int, folder: Path) -> str:
-    """The target's first ``num_layers`` layers with its final norm and tied head, saved as a model folder."""
-    from dataclasses import replace
-    from kvcache.models.loader import save_hf_folder
-    weights = {name: t for name, t in loaded.weights.items()
-               if not name.startswith("model.layers.") or int(name.split(".")[2]) < num_layers}
-    save_hf_folder(folder, replace(loaded.config, num_layers=num_layers), weights, loaded.tokenizer)
-    return str(folder)
-
     def generate(self, ids: list[int], max_tokens: int) -> list[int]:
         self.engine.add_request("b", ids, SamplingParams(max_tokens=max_tokens, temperature=0.0))
         while True:
@@ -75,6 +65,16 @@ def truncated_self_draft(loaded, num_layers: int, folder: Path) -> str:
     def spec_stats(self) -> dict:
         s = self.engine.stats()
         return {k: s[k] for k in ("spec_drafted_tokens", "spec_accepted_tokens", "spec_verifications")}
+
+
+def truncated_self_draft(loaded, num_layers: int, folder: Path) -> str:
+    """The target's first ``num_layers`` layers with its final norm and tied head, saved as a model folder."""
+    from dataclasses import replace
+    from kvcache.models.loader import save_hf_folder
+    weights = {name: t for name, t in loaded.weights.items()
+               if not name.startswith("model.layers.") or int(name.split(".")[2]) < num_layers}
+    save_hf_folder(folder, replace(loaded.config, num_layers=num_layers), weights, loaded.tokenizer)
+    return str(folder)
 
 
 class HF:
