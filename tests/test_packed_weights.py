@@ -139,9 +139,14 @@ def test_fused_decode_equals_the_pytorch_forward(weights_dtype, kv, window, monk
     loaded = _tiny(window)
     fused = _decode_logits(loaded, weights_dtype, True, kv)
     plain = _decode_logits(loaded, weights_dtype, False, kv, monkeypatch)
-    # float32 keys that differ in the last bit (the two paths sum in different orders) can round to
-    # neighbouring bfloat16 values, 2^-8 apart: a bf16 cache agrees to that, not to float32's 1e-7
-    atol = 3e-3 if kv == "bfloat16" else 2e-4
+    atol = 2e-4
+    if kv == "bfloat16":
+        # float32 keys that differ in the last bit (the paths sum in different orders) can round to
+        # neighbouring bfloat16 values, 2^-8 apart: the paths must agree well within what the bf16
+        # cache itself changes against a float32 one
+        exact = _decode_logits(loaded, weights_dtype, False, "float32", monkeypatch)
+        format_error = max((b[1] - e[1]).abs().max().item() for b, e in zip(plain, exact))
+        atol = 2e-4 + 0.25 * format_error
     for (tokens_a, logits_a), (tokens_b, logits_b) in zip(fused, plain):
         assert tokens_a == tokens_b
         torch.testing.assert_close(logits_a, logits_b, atol=atol, rtol=1e-4)

@@ -146,6 +146,22 @@ static void rope_and_store(const kv_model *m, const kv_layer *ly, const kv_group
     }
 }
 
+/* One cached key or value row (head_dim values, float32 or bfloat16) widened into `out`. */
+static inline void load_row(const kv_model *m, const void *cache, long index, float *out) {
+    int hd = m->head_dim, d = 0;
+    if (m->kv_bf16) {
+        const uint16_t *p = (const uint16_t *)cache + index;
+#ifdef KV_AVX2
+        for (; d + 8 <= hd; d += 8)
+            _mm256_storeu_ps(out + d, _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + d))), 16)));
+#endif
+        for (; d < hd; d++) out[d] = cache_value(m, cache, index + d);
+    } else {
+        memcpy(out, (const float *)cache + index, (size_t)hd * sizeof(float));
+    }
+}
+
 static inline float dot(const float *a, const float *b, int size) {
     float sum = 0.0f;
     int k = 0;
@@ -160,38 +176,77 @@ static inline float dot(const float *a, const float *b, int size) {
     return sum;
 }
 
-/* One (sequence, kv head) pair: its query heads against the keys its table holds. `scores` holds
- * group x seq_len floats; `key` head_dim floats. */
-static void attend(const kv_model *m, const kv_layer *ly, const kv_group_plan *plan, const float *qkv, float *out,
-                   int i, int kh, float *scores, float *key) {
+static inline void axpy(float *y, float a, const float *x, int size) {  /* y += a * x */
+    int k = 0;
+#ifdef KV_AVX2
+    __m256 va = _mm256_set1_ps(a);
+    for (; k + 8 <= size; k += 8)
+        _mm256_storeu_ps(y + k, _mm256_add_ps(_mm256_loadu_ps(y + k), _mm256_mul_ps(va, _mm256_loadu_ps(x + k))));
+#endif
+    for (; k < size; k++) y[k] += a * x[k];
+}
+
+/* Attention is split into parts: (sequence, kv head, a run of its keys). A part leaves, per query
+ * head of the kv head's group, its largest score, the sum of exp(score - largest) and the values
+ * weighted by those exponentials; `merge` combines a (sequence, kv head)'s parts. Long contexts
+ * thus spread over every thread even for one sequence with three kv heads. */
+typedef struct { int first, len, parts; } key_range;
+
+static key_range keys_of(const kv_model *m, const kv_layer *ly, const kv_group_plan *plan, int i, int nt) {
+    key_range r = {0, plan->seq_lens[i], 1};
+    if (ly->window > 0 && r.len > ly->window) r.first = r.len - ly->window;
+    int count = r.len - r.first, per_part = 128;
+    r.parts = (count + per_part - 1) / per_part;
+    if (r.parts > nt) r.parts = nt;
+    if (r.parts < 1) r.parts = 1;
+    (void)m;
+    return r;
+}
+
+/* Part `part` of (sequence i, kv head kh). partial: per query head g, [max, sum, hd weighted values].
+ * scores: room for one score per key of the part; row: head_dim floats. */
+static void attend_part(const kv_model *m, const kv_layer *ly, const kv_group_plan *plan, const float *qkv,
+                        int i, int kh, key_range r, int part, float *partial, float *scores, float *row) {
     int hd = m->head_dim, group = m->heads / m->kv_heads, bs = m->block_size;
-    int width = (m->heads + 2 * m->kv_heads) * hd;
-    int len = plan->seq_lens[i], first = 0;
-    if (ly->window > 0 && len > ly->window) first = len - ly->window;
-    int count = len - first;
+    int count = r.len - r.first;
+    int lo = r.first + (int)((long)count * part / r.parts), hi = r.first + (int)((long)count * (part + 1) / r.parts);
     const int64_t *table = plan->tables + (long)i * plan->width;
-    const float *q = qkv + (long)i * width + (long)kh * group * hd;
-    for (int t = first; t < len; t++) {
-        long at = cache_index(m, kh, table[t / bs] * bs + t % bs);
-        for (int d = 0; d < hd; d++) key[d] = cache_value(m, ly->k, at + d);
-        for (int g = 0; g < group; g++) scores[g * count + t - first] = dot(q + g * hd, key, hd) * m->scale;
+    const float *q = qkv + (long)i * (m->heads + 2 * m->kv_heads) * hd + (long)kh * group * hd;
+    for (int t = lo; t < hi; t++) {
+        load_row(m, ly->k, cache_index(m, kh, table[t / bs] * bs + t % bs), row);
+        for (int g = 0; g < group; g++) scores[g * (hi - lo) + t - lo] = dot(q + g * hd, row, hd) * m->scale;
     }
     for (int g = 0; g < group; g++) {
-        float *p = scores + g * count, top = -INFINITY, total = 0.0f;
-        for (int t = 0; t < count; t++) top = p[t] > top ? p[t] : top;
-        for (int t = 0; t < count; t++) { p[t] = expf(p[t] - top); total += p[t]; }
-        for (int t = 0; t < count; t++) p[t] /= total;
-        float *o = out + (long)i * m->heads * hd + (long)(kh * group + g) * hd;
-        for (int d = 0; d < hd; d++) o[d] = 0.0f;
+        float *p = scores + g * (hi - lo), top = -INFINITY, total = 0.0f;
+        for (int t = 0; t < hi - lo; t++) top = p[t] > top ? p[t] : top;
+        for (int t = 0; t < hi - lo; t++) { p[t] = expf(p[t] - top); total += p[t]; }
+        float *out = partial + (long)g * (hd + 2);
+        out[0] = top;
+        out[1] = total;
+        memset(out + 2, 0, (size_t)hd * sizeof(float));
     }
-    for (int t = first; t < len; t++) {
-        long at = cache_index(m, kh, table[t / bs] * bs + t % bs);
-        for (int d = 0; d < hd; d++) key[d] = cache_value(m, ly->v, at + d);  /* the value, widened */
-        for (int g = 0; g < group; g++) {
-            float w = scores[g * count + t - first];
-            float *o = out + (long)i * m->heads * hd + (long)(kh * group + g) * hd;
-            for (int d = 0; d < hd; d++) o[d] += w * key[d];
+    for (int t = lo; t < hi; t++) {
+        load_row(m, ly->v, cache_index(m, kh, table[t / bs] * bs + t % bs), row);
+        for (int g = 0; g < group; g++) axpy(partial + (long)g * (hd + 2) + 2, scores[g * (hi - lo) + t - lo], row, hd);
+    }
+}
+
+/* softmax(all parts) . values for (sequence i, kv head kh): out[i, head g of the group]. */
+static void merge(const kv_model *m, int i, int kh, int parts, const float *partials, float *out) {
+    int hd = m->head_dim, group = m->heads / m->kv_heads;
+    long stride = (long)group * (hd + 2);
+    for (int g = 0; g < group; g++) {
+        float top = -INFINITY, total = 0.0f;
+        for (int p = 0; p < parts; p++) top = partials[p * stride + g * (hd + 2)] > top ? partials[p * stride + g * (hd + 2)] : top;
+        float *o = out + (long)i * m->heads * hd + (long)(kh * group + g) * hd;
+        memset(o, 0, (size_t)hd * sizeof(float));
+        for (int p = 0; p < parts; p++) {
+            const float *part = partials + p * stride + g * (hd + 2);
+            float w = expf(part[0] - top);
+            total += part[1] * w;
+            axpy(o, w, part + 2, hd);
         }
+        for (int d = 0; d < hd; d++) o[d] /= total;
     }
 }
 
@@ -215,13 +270,16 @@ int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const 
             longest = len > longest ? len : longest;
         }
     if (nthreads < 1) nthreads = 1;
+    long part_floats = (long)group * (hd + 2);  /* one attention part's result */
     size_t floats = (size_t)n * (H + width + m->heads * hd + H + 2 * I + I + widest / QBLOCK + 1)
+                  + (size_t)n * m->kv_heads * nthreads * part_floats
                   + (size_t)nthreads * ((size_t)group * longest + hd);
     float *buf = malloc(floats * sizeof(float));
     if (!buf) return -2;
     float *x = buf, *qkv = x + (size_t)n * H, *attn = qkv + (size_t)n * width, *tmp = attn + (size_t)n * m->heads * hd;
     float *gu = tmp + (size_t)n * H, *act = gu + (size_t)n * 2 * I, *xsum = act + (size_t)n * I;
-    float *scratch = xsum + (size_t)n * (widest / QBLOCK + 1);
+    float *partials = xsum + (size_t)n * (widest / QBLOCK + 1);
+    float *scratch = partials + (size_t)n * m->kv_heads * nthreads * part_floats;
     barrier_t bar = {0, 0};
 
     #pragma omp parallel num_threads(nthreads)
@@ -245,13 +303,28 @@ int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const 
             meet(&bar, &sense, nt);
             if (tid == 0) rope_and_store(m, ly, plan, qkv, n, cos, sin);
             meet(&bar, &sense, nt);
-            for (int task = tid; task < n * m->kv_heads; task += nt)
-                attend(m, ly, plan, qkv, attn, task / m->kv_heads, task % m->kv_heads, scores, key);
-            if (ly->o.fmt == FMT_Q4_1) {
-                meet(&bar, &sense, nt);
-                if (tid == 0) kv_block_sums(attn, n, m->heads * hd, xsum);
+            /* attention: every (sequence, kv head, part) task, then each pair's parts merged */
+            int tasks = 0;
+            for (int i = 0; i < n; i++) tasks += keys_of(m, ly, plan, i, nt).parts * m->kv_heads;
+            for (int task = tid; task < tasks; task += nt) {
+                int i = 0, t = task, parts;
+                while (t >= (parts = keys_of(m, ly, plan, i, nt).parts) * m->kv_heads) { t -= parts * m->kv_heads; i++; }
+                key_range r = keys_of(m, ly, plan, i, nt);
+                attend_part(m, ly, plan, qkv, i, t / parts, r, t % parts, partials + (long)task * part_floats, scores, key);
             }
             meet(&bar, &sense, nt);
+            for (int pair = tid, base = 0; pair < n * m->kv_heads; pair += nt) {
+                int i = pair / m->kv_heads, kh = pair % m->kv_heads;
+                base = 0;
+                for (int k = 0; k < i; k++) base += keys_of(m, ly, plan, k, nt).parts * m->kv_heads;
+                int parts = keys_of(m, ly, plan, i, nt).parts;
+                merge(m, i, kh, parts, partials + (long)(base + kh * parts) * part_floats, attn);
+            }
+            meet(&bar, &sense, nt);
+            if (ly->o.fmt == FMT_Q4_1) {
+                if (tid == 0) kv_block_sums(attn, n, m->heads * hd, xsum);
+                meet(&bar, &sense, nt);
+            }
             matmul_share(&ly->o, n, attn, xsum, tmp, tid, nt);
             meet(&bar, &sense, nt);
             if (tid == 0) {

@@ -228,50 +228,57 @@ static inline float quant_value(const uint8_t *q, int q4, int i) {  /* block val
     return (float)(i < 16 ? q[i] & 15 : q[i - 16] >> 4);
 }
 
-/* One weight row against activation rows m0..m1: y[m] = sum_b d_b * (q_b . x_b) + m_b * xsum_b.
+#ifdef KV_AVX2
+/* A block's 32 weights (before scaling) times its 32 activations: 8 partial sums. */
+static inline __attribute__((always_inline)) __m256 block_dot(const uint8_t *q, const float *x, const int q4) {
+    __m256 v[4];
+    if (q4) widen_q4(q, v); else widen_q8(q, v);
+    __m256 a = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(x + 8), _mm256_mul_ps(v[0], _mm256_loadu_ps(x)));
+    __m256 b = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(x + 24), _mm256_mul_ps(v[2], _mm256_loadu_ps(x + 16)));
+    return _mm256_add_ps(a, b);
+}
+#endif
+
+/* One weight row against every activation row: y[m] = sum_b d_b * (q_b . x_b) + m_b * xsum_b.
  * Inlined into one copy per format, so the inner loop has no format test. */
 static inline __attribute__((always_inline)) void quant_row(const job_t *j, int n, const int q4) {
     int K = j->K, blocks = K / QBLOCK, bb = q4 ? 16 : 32;
     const uint8_t *w = (const uint8_t *)j->w + (long)n * blocks * bb;
     const uint16_t *d = j->d + (long)n * blocks, *mn = q4 ? j->mn + (long)n * blocks : NULL;
+    prefetch(w + (long)blocks * bb + PREFETCH_BYTES);  /* rows are short: ask for what comes after */
+    prefetch(d + blocks + PREFETCH_BYTES / 2);
+    if (q4) prefetch(mn + blocks + PREFETCH_BYTES / 2);
     for (int m = 0; m < j->M; m++) {
         const float *x = j->x + (long)m * K, *xsum = q4 ? j->xsum + (long)m * blocks : NULL;
         float total = 0.0f;
-        int b = 0;
 #ifdef KV_AVX2
         __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, minimum = acc0;
+        int b = 0;
         for (; b + 8 <= blocks; b += 8) {
             float scale[8];
             _mm256_storeu_ps(scale, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + b))));
             if (q4) minimum = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + b))),
                                               _mm256_loadu_ps(xsum + b), minimum);
-            prefetch(d + b + PREFETCH_BYTES / 2);
-            if (q4) prefetch(mn + b + PREFETCH_BYTES / 2);
             for (int i = 0; i < 8; i += 2) {
-                __m256 t[2];
-                for (int h = 0; h < 2; h++) {
-                    const uint8_t *q = w + (long)(b + i + h) * bb;
-                    const float *xb = x + (b + i + h) * QBLOCK;
-                    prefetch(q + PREFETCH_BYTES);
-                    __m256 v[4];
-                    if (q4) widen_q4(q, v); else widen_q8(q, v);
-                    t[h] = _mm256_mul_ps(v[0], _mm256_loadu_ps(xb));
-                    t[h] = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(xb + 8), t[h]);
-                    t[h] = _mm256_fmadd_ps(v[2], _mm256_loadu_ps(xb + 16), t[h]);
-                    t[h] = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(xb + 24), t[h]);
-                }
-                acc0 = _mm256_fmadd_ps(t[0], _mm256_broadcast_ss(scale + i), acc0);
-                acc1 = _mm256_fmadd_ps(t[1], _mm256_broadcast_ss(scale + i + 1), acc1);
+                acc0 = _mm256_fmadd_ps(block_dot(w + (long)(b + i) * bb, x + (b + i) * QBLOCK, q4),
+                                       _mm256_broadcast_ss(scale + i), acc0);
+                acc1 = _mm256_fmadd_ps(block_dot(w + (long)(b + i + 1) * bb, x + (b + i + 1) * QBLOCK, q4),
+                                       _mm256_broadcast_ss(scale + i + 1), acc1);
             }
         }
-        total = hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), minimum));
-#endif
         for (; b < blocks; b++) {
+            acc0 = _mm256_fmadd_ps(block_dot(w + (long)b * bb, x + b * QBLOCK, q4), _mm256_set1_ps(half_to_float(d[b])), acc0);
+            if (q4) total += half_to_float(mn[b]) * xsum[b];
+        }
+        total += hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), minimum));
+#else
+        for (int b = 0; b < blocks; b++) {
             const uint8_t *q = w + (long)b * bb;
             float dot = 0.0f;
             for (int i = 0; i < QBLOCK; i++) dot += quant_value(q, q4, i) * x[b * QBLOCK + i];
             total += half_to_float(d[b]) * dot + (q4 ? half_to_float(mn[b]) * xsum[b] : 0.0f);
         }
+#endif
         store(j, m, n, total);
     }
 }
@@ -295,14 +302,26 @@ static void widen_range(const void *arg, int begin, int end) {
         float *out = j->out + (long)n * K;
         if (j->fmt == FMT_BF16) {
             const uint16_t *w = (const uint16_t *)j->w + (long)n * K;
-            for (int k = 0; k < K; k++) out[k] = bf16_to_float(w[k]);
+            int k = 0;
+#ifdef KV_AVX2
+            for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, load_bf16(w + k));
+#endif
+            for (; k < K; k++) out[k] = bf16_to_float(w[k]);
             continue;
         }
         const uint8_t *w = (const uint8_t *)j->w + (long)n * blocks * bb;
         for (int b = 0; b < blocks; b++) {
+            const uint8_t *q = w + (long)b * bb;
             float scale = half_to_float(j->d[(long)n * blocks + b]);
             float minimum = q4 ? half_to_float(j->mn[(long)n * blocks + b]) : 0.0f;
-            for (int i = 0; i < QBLOCK; i++) out[b * QBLOCK + i] = quant_value(w + (long)b * bb, q4, i) * scale + minimum;
+#ifdef KV_AVX2
+            __m256 v[4], s = _mm256_set1_ps(scale), m = _mm256_set1_ps(minimum);
+            if (q4) widen_q4(q, v); else widen_q8(q, v);
+            for (int i = 0; i < 4; i++)  /* q * scale + minimum, rounded twice as PyTorch's dequantize */
+                _mm256_storeu_ps(out + b * QBLOCK + 8 * i, _mm256_add_ps(_mm256_mul_ps(v[i], s), m));
+#else
+            for (int i = 0; i < QBLOCK; i++) out[b * QBLOCK + i] = quant_value(q, q4, i) * scale + minimum;
+#endif
         }
     }
 }
