@@ -137,8 +137,7 @@ def head_weight(head: nn.Module) -> torch.Tensor | PackedWeight:
 
 
 def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor | PackedWeight) -> torch.Tensor:
-    """hidden [N, hidden] x weight [vocab, hidden] -> logits [N, vocab] (float32 for a packed or
-    kernel-multiplied head, else in hidden's dtype).
+    """hidden [N, hidden] x weight [vocab, hidden] -> logits [N, vocab] in hidden's dtype.
 
     Packed heads, and float32/bfloat16 heads for the few rows a decode step has, go through
     :func:`kvcache.models.packed.matmul` (our kernel). Otherwise, for 2..32 float32 rows on a CPU,
@@ -148,9 +147,9 @@ def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor | PackedWeight) -> t
     """
     rows = hidden.shape[0]
     if isinstance(weight, PackedWeight):
-        return matmul(hidden, weight)
+        return matmul(hidden, weight).to(hidden.dtype)
     if weight.dtype in (torch.float32, torch.bfloat16) and uses_kernel(hidden, weight.dtype):
-        return matmul(hidden, PackedWeight(str(weight.dtype).removeprefix("torch."), weight))
+        return matmul(hidden, PackedWeight(str(weight.dtype).removeprefix("torch."), weight)).to(hidden.dtype)
     if hidden.device.type == "cpu" and hidden.dtype == torch.float32 and 1 < rows <= 32:
         return torch.mm(weight, hidden.t()).t().contiguous()  # [vocab, N] -> [N, vocab]
     return F.linear(hidden, weight)
