@@ -345,14 +345,14 @@ class LLMEngine:
         to_draft: list[Request] = []
         now = time.monotonic()
         for request in due:
-            logits = rows[request.request_id]  # [1 + drafts verified, vocab]
+            logits, best = rows[request.request_id]  # [1 + drafts verified, vocab], each row's argmax
             group = self._groups[request.request_id.rsplit("#", 1)[0]]
             touched[group.request_id] = group
             if group.error is not None:
                 continue
             try:
                 for sample_request in self._fork_if_first(group, request):
-                    if self._append_tokens(group, sample_request, logits, now):
+                    if self._append_tokens(group, sample_request, logits, best, now):
                         to_draft.append(sample_request)
             except Exception as err:  # this request alone ends; the batch goes on
                 log.exception("request %s failed in a step and was ended alone", group.request_id)
@@ -394,22 +394,23 @@ class LLMEngine:
         for request, drafts in zip(requests, self.drafter.propose_all(requests)):
             request.spec_token_ids = drafts
 
-    def _append_tokens(self, group: _Group, request: Request, logits: torch.Tensor, now: float) -> bool:
+    def _append_tokens(self, group: _Group, request: Request, logits: torch.Tensor, best: list[int],
+                       now: float) -> bool:
         """Sample (logits [1, V]) or verify drafts (logits [k + 1, V]) and append what is kept, one
-        token at a time, up to the first that finishes the request. True when it goes on (and may
-        draft the next step's tokens)."""
+        token at a time, up to the first that finishes the request; ``best`` holds each row's argmax,
+        what a greedy request takes. True when it goes on (and may draft the next step's tokens)."""
         params = group.params
         generator = self._generators[request.request_id]
         num_spec = logits.shape[0] - 1
         if num_spec:
-            tokens = verify(logits, request.spec_token_ids[:num_spec], params, generator)
+            tokens = verify(logits, request.spec_token_ids[:num_spec], params, generator, best)
             self.spec.count(num_spec, len(tokens) - 1)
             if self.drafter is not None:
                 self.drafter.observe(request.request_id, num_spec, len(tokens) - 1)
             if self.spec_gate is not None:
                 self.spec_gate.observe_verification(request.request_id, num_spec, len(tokens) - 1)
         else:
-            tokens = sample(logits, [params], [generator])
+            tokens = best[:1] if params.greedy else sample(logits, [params], [generator])
         request.first_token_time = request.first_token_time or now
         reason = None
         for row, token in enumerate(tokens):

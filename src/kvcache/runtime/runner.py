@@ -18,11 +18,13 @@ class ModelOutput:
     logits: torch.Tensor  # [sum(num_rows), vocab] float32, each sequence's rows together
     num_rows: list[int]  # per sequence: 1, or k + 1 for a verification of k drafts
 
-    def rows(self) -> dict[str, torch.Tensor]:
-        """Each sampling sequence's logits: [num_rows, vocab]."""
+    def rows(self) -> dict[str, tuple[torch.Tensor, list[int]]]:
+        """Each sampling sequence's logits [num_rows, vocab] and each row's most likely token (the
+        argmax of the whole batch is taken in one call, for greedy requests)."""
+        best = self.logits.argmax(dim=-1).tolist() if self.request_ids else []
         out, start = {}, 0
         for request_id, n in zip(self.request_ids, self.num_rows):
-            out[request_id] = self.logits[start:start + n]
+            out[request_id] = (self.logits[start:start + n], best[start:start + n])
             start += n
         return out
 
