@@ -191,3 +191,18 @@ def test_bad_weights_dtype_is_one_sentence():
     assert r.returncode == 2 and "int3" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(ValueError, match="weights dtype"):
         LLMEngine(loaded=_tiny(), weights_dtype="int3", num_blocks=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights_dtype", ["auto", "float32", "bfloat16", "int8", "int4"])
+def test_size_plans_the_weight_bytes_the_engine_holds(weights_dtype, smollm_engine_factory):
+    """`kvcache size --model` reads the file's header and prints the bytes the engine then holds."""
+    import json
+
+    from kvcache.models.loader import default_model_path
+    engine = smollm_engine_factory(num_blocks=4, weights_dtype=weights_dtype, dtype="auto")  # as the CLI runs it
+    r = subprocess.run([sys.executable, "-m", "kvcache", "size", "--model", str(default_model_path()), "--json",
+                        "--weights-dtype", weights_dtype], capture_output=True, text=True, timeout=300)
+    planned = json.loads(r.stdout)
+    assert planned["weights_bytes"] == engine.stats()["weight_bytes"]
+    assert planned["weights_formats"] == engine.stats()["weights_dtype"]

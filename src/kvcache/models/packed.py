@@ -295,6 +295,30 @@ def weight_format(name: str, stored: str | None, weights_dtype: str, compute_dty
     return None if (name in _VOCAB and fmt == compute_dtype) else fmt
 
 
+def format_bytes(fmt: str | None, shape: tuple[int, ...], compute_dtype: str) -> int:
+    """Bytes a weight of this shape takes in ``fmt`` (None: a plain tensor in the compute dtype)."""
+    values = 1
+    for d in shape:
+        values *= d
+    per_value = {"float32": 4.0, "bfloat16": 2.0, "q8_0": 1 + 2 / BLOCK, "q4_1": 0.5 + 4 / BLOCK}
+    return int(values * per_value[fmt or compute_dtype])
+
+
+def planned_weight_bytes(shapes: dict[str, tuple[tuple[int, ...], str | None]], weights_dtype: str,
+                         compute_dtype: str, tied: bool) -> dict[str, int]:
+    """The bytes the engine will hold for weights of these shapes (as :func:`kvcache.models.loader.weight_shapes`
+    reads them) in ``weights_dtype``, per format, without loading them: the planner's side of
+    ``stats()["weight_bytes"]``. With ``tied`` embeddings an ``lm_head`` in the file is not held."""
+    weights_dtype = parse_weights_dtype(weights_dtype)
+    held: dict[str, int] = {}
+    for name, (shape, stored) in shapes.items():
+        if "rotary_emb" in name or (tied and name == "lm_head.weight"):
+            continue
+        fmt = weight_format(name, stored, weights_dtype, compute_dtype) or compute_dtype
+        held[fmt] = held.get(fmt, 0) + format_bytes(fmt, shape, compute_dtype)
+    return held
+
+
 def prepare_weights(weights: dict[str, torch.Tensor | PackedWeight], weights_dtype: str,
                     compute_dtype: str) -> dict[str, torch.Tensor | PackedWeight]:
     """Each weight in the format the engine keeps it in (see :func:`weight_format`): packed weights
