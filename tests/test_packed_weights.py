@@ -117,17 +117,19 @@ def _tiny(window=None, **extra) -> LoadedModel:
     return LoadedModel(config, weights, byte_tokenizer(), "tiny")
 
 
-def _decode_logits(loaded, weights_dtype, fused=True, kv_cache_dtype="auto", monkeypatch=None):
+def _decode_logits(loaded, weights_dtype, fused=True, kv_cache_dtype="auto", monkeypatch=None, **engine_kwargs):
     """Three prompts of different lengths decoded together; every sampled step's logits."""
     from tiny_models import run_recording_logits
     if not fused:
-        monkeypatch.setattr(fused_decode, "MAX_SEQUENCES", 0)
+        monkeypatch.setattr(fused_decode, "MAX_TOKENS", 0)
     engine = LLMEngine(loaded=loaded, weights_dtype=weights_dtype, kv_cache_dtype=kv_cache_dtype, block_size=4,
-                       num_blocks=128)
+                       num_blocks=128, **engine_kwargs)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 23, 11)]
+    prompts[2][5:] = prompts[2][:6]  # a repeat for prompt lookup to draft from
     out = run_recording_logits(engine, prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
-    monkeypatch and monkeypatch.setattr(fused_decode, "MAX_SEQUENCES", 8)
+    if monkeypatch:
+        monkeypatch.undo()
     return out
 
 
@@ -160,6 +162,26 @@ def test_fused_decode_is_taken_for_decodes(monkeypatch):
     monkeypatch.setattr(fused_decode.FusedDecode, "run", lambda self, *a: calls.append(a[0].shape[0]) or run(self, *a))
     _decode_logits(_tiny(), "int4")
     assert calls and max(calls) == 3  # the three prompts' decodes, together
+
+
+@needs_kernels
+@pytest.mark.parametrize("weights_dtype", ["float32", "int4"])
+def test_fused_prefill_chunks_and_verification_equal_the_pytorch_forward(weights_dtype, monkeypatch):
+    """Steps of several tokens per sequence (8-token prefill chunks; k = 3 drafts verified) run fused
+    too, each token seeing exactly its own prefix."""
+    from kvcache.config import SchedulerConfig
+    loaded = _tiny(9)
+    kwargs = dict(scheduler_config=SchedulerConfig(max_num_batched_tokens=8), speculative="ngram",
+                  num_speculative_tokens=3, adaptive_speculation=False)
+    calls = []
+    run = fused_decode.FusedDecode.run
+    monkeypatch.setattr(fused_decode.FusedDecode, "run", lambda self, *a: calls.append(a[0].shape[0]) or run(self, *a))
+    fused = _decode_logits(loaded, weights_dtype, True, **kwargs)
+    assert max(calls) == 8  # whole prefill chunks went through the kernel
+    plain = _decode_logits(loaded, weights_dtype, False, "auto", monkeypatch, **kwargs)
+    for (tokens_a, logits_a), (tokens_b, logits_b) in zip(fused, plain):
+        assert tokens_a == tokens_b
+        torch.testing.assert_close(logits_a, logits_b, atol=2e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("weights_dtype", ["int8", "int4", "bfloat16"])

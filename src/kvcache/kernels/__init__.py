@@ -109,7 +109,7 @@ class Model(ctypes.Structure):
 
 
 class GroupPlan(ctypes.Structure):
-    _fields_ = [("slots", _P), ("tables", _P), ("seq_lens", _P), ("width", ctypes.c_int)]
+    _fields_ = [("slots", _P), ("tables", _P), ("token_seq", _P), ("token_keys", _P), ("width", ctypes.c_int)]
 
 
 def library() -> ctypes.CDLL | None:

@@ -41,10 +41,12 @@ typedef struct {
     const kv_layer *layers;
 } kv_model;
 
-typedef struct {          /* one cache group's share of the step's plan */
-    const int64_t *slots;    /* [n] where each token's key and value go */
-    const int64_t *tables;   /* [n, width] block ids, from the first block attention reads */
-    const int32_t *seq_lens; /* [n] keys per sequence, counted from that block */
+typedef struct {            /* one cache group's share of the step's plan, for its n tokens */
+    const int64_t *slots;      /* [n] where each token's key and value go */
+    const int64_t *tables;     /* [sequences, width] block ids, from the first block attention reads */
+    const int32_t *token_seq;  /* [n] the sequence (row of tables) each token belongs to */
+    const int32_t *token_keys; /* [n] keys each token sees, counted from its table's first block
+                                  (itself and the tokens before it; causal within a sequence) */
     int width;
 } kv_group_plan;
 
@@ -186,14 +188,14 @@ static inline void axpy(float *y, float a, const float *x, int size) {  /* y += 
     for (; k < size; k++) y[k] += a * x[k];
 }
 
-/* Attention is split into parts: (sequence, kv head, a run of its keys). A part leaves, per query
+/* Attention is split into parts: (query token, kv head, a run of its keys). A part leaves, per query
  * head of the kv head's group, its largest score, the sum of exp(score - largest) and the values
- * weighted by those exponentials; `merge` combines a (sequence, kv head)'s parts. Long contexts
+ * weighted by those exponentials; `merge` combines a (token, kv head)'s parts. Long contexts
  * thus spread over every thread even for one sequence with three kv heads. */
 typedef struct { int first, len, parts; } key_range;
 
 static key_range keys_of(const kv_model *m, const kv_layer *ly, const kv_group_plan *plan, int i, int nt) {
-    key_range r = {0, plan->seq_lens[i], 1};
+    key_range r = {0, plan->token_keys[i], 1};
     if (ly->window > 0 && r.len > ly->window) r.first = r.len - ly->window;
     int count = r.len - r.first, per_part = 128;
     r.parts = (count + per_part - 1) / per_part;
@@ -203,14 +205,14 @@ static key_range keys_of(const kv_model *m, const kv_layer *ly, const kv_group_p
     return r;
 }
 
-/* Part `part` of (sequence i, kv head kh). partial: per query head g, [max, sum, hd weighted values].
+/* Part `part` of (token i, kv head kh). partial: per query head g, [max, sum, hd weighted values].
  * scores: room for one score per key of the part; row: head_dim floats. */
 static void attend_part(const kv_model *m, const kv_layer *ly, const kv_group_plan *plan, const float *qkv,
                         int i, int kh, key_range r, int part, float *partial, float *scores, float *row) {
     int hd = m->head_dim, group = m->heads / m->kv_heads, bs = m->block_size;
     int count = r.len - r.first;
     int lo = r.first + (int)((long)count * part / r.parts), hi = r.first + (int)((long)count * (part + 1) / r.parts);
-    const int64_t *table = plan->tables + (long)i * plan->width;
+    const int64_t *table = plan->tables + (long)plan->token_seq[i] * plan->width;
     const float *q = qkv + (long)i * (m->heads + 2 * m->kv_heads) * hd + (long)kh * group * hd;
     for (int t = lo; t < hi; t++) {
         load_row(m, ly->k, cache_index(m, kh, table[t / bs] * bs + t % bs), row);
@@ -231,7 +233,7 @@ static void attend_part(const kv_model *m, const kv_layer *ly, const kv_group_pl
     }
 }
 
-/* softmax(all parts) . values for (sequence i, kv head kh): out[i, head g of the group]. */
+/* softmax(all parts) . values for (token i, kv head kh): out[i, head g of the group]. */
 static void merge(const kv_model *m, int i, int kh, int parts, const float *partials, float *out) {
     int hd = m->head_dim, group = m->heads / m->kv_heads;
     long stride = (long)group * (hd + 2);
@@ -252,7 +254,9 @@ static void merge(const kv_model *m, int i, int kh, int parts, const float *part
 
 /* --- the step ---------------------------------------------------------------------------------- */
 
-/* h [n, hidden] float32 (the embeddings; the last layer's output on return). cos, sin [n, head_dim].
+/* h [n, hidden] float32: the embeddings of the step's n tokens (one per decoding sequence, or a
+ * sequence's drafts and a short prompt's tokens, each seeing the keys its plan says); the last
+ * layer's output on return. cos, sin [n, head_dim].
  * plans[g] is cache group g's share of the plan. Returns 0, -1 for an unknown weight format, -2 if
  * out of memory. */
 int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const float *sin,
@@ -266,7 +270,7 @@ int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const 
     int width = (m->heads + 2 * m->kv_heads) * hd, longest = 1, widest = H > I ? H : I;
     for (int l = 0; l < m->num_layers; l++)
         for (int i = 0; i < n; i++) {
-            int len = plans[m->layers[l].group].seq_lens[i];
+            int len = plans[m->layers[l].group].token_keys[i];
             longest = len > longest ? len : longest;
         }
     if (nthreads < 1) nthreads = 1;
@@ -303,7 +307,7 @@ int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const 
             meet(&bar, &sense, nt);
             if (tid == 0) rope_and_store(m, ly, plan, qkv, n, cos, sin);
             meet(&bar, &sense, nt);
-            /* attention: every (sequence, kv head, part) task, then each pair's parts merged */
+            /* attention: every (token, kv head, part) task, then each pair's parts merged */
             int tasks = 0;
             for (int i = 0; i < n; i++) tasks += keys_of(m, ly, plan, i, nt).parts * m->kv_heads;
             for (int task = tid; task < tasks; task += nt) {

@@ -283,13 +283,56 @@ static inline __attribute__((always_inline)) void quant_row(const job_t *j, int 
     }
 }
 
-static void q8_range(const void *arg, int begin, int end) {
-    for (int n = begin; n < end; n++) quant_row(arg, n, 0);
+/* One weight row against activation rows m0 .. m0 + count - 1 (count <= 8): each block is widened
+ * once and multiplied into every row (a verification of drafts, a short prefill), where
+ * quant_row would widen it once per row. */
+#define MAX_ROWS_AT_ONCE 8
+static inline __attribute__((always_inline)) void quant_row_many(const job_t *j, int n, int m0, int count, const int q4) {
+    int K = j->K, blocks = K / QBLOCK, bb = q4 ? 16 : 32;
+    const uint8_t *w = (const uint8_t *)j->w + (long)n * blocks * bb;
+    const uint16_t *d = j->d + (long)n * blocks, *mn = q4 ? j->mn + (long)n * blocks : NULL;
+    float total[MAX_ROWS_AT_ONCE] = {0};
+#ifdef KV_AVX2
+    __m256 acc[MAX_ROWS_AT_ONCE];
+    for (int i = 0; i < count; i++) acc[i] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        __m256 v[4];
+        if (q4) widen_q4(w + (long)b * bb, v); else widen_q8(w + (long)b * bb, v);
+        __m256 scale = _mm256_set1_ps(half_to_float(d[b]));
+        float minimum = q4 ? half_to_float(mn[b]) : 0.0f;
+        for (int i = 0; i < count; i++) {
+            const float *x = j->x + (long)(m0 + i) * K + b * QBLOCK;
+            __m256 lo = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(x + 8), _mm256_mul_ps(v[0], _mm256_loadu_ps(x)));
+            __m256 hi = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(x + 24), _mm256_mul_ps(v[2], _mm256_loadu_ps(x + 16)));
+            acc[i] = _mm256_fmadd_ps(_mm256_add_ps(lo, hi), scale, acc[i]);
+            if (q4) total[i] += minimum * j->xsum[(long)(m0 + i) * blocks + b];
+        }
+    }
+    for (int i = 0; i < count; i++) store(j, m0 + i, n, total[i] + hsum(acc[i]));
+#else
+    for (int i = 0; i < count; i++) {
+        const float *x = j->x + (long)(m0 + i) * K;
+        for (int b = 0; b < blocks; b++) {
+            float dot = 0.0f;
+            for (int k = 0; k < QBLOCK; k++) dot += quant_value(w + (long)b * bb, q4, k) * x[b * QBLOCK + k];
+            total[i] += half_to_float(d[b]) * dot + (q4 ? half_to_float(mn[b]) * j->xsum[(long)(m0 + i) * blocks + b] : 0.0f);
+        }
+        store(j, m0 + i, n, total[i]);
+    }
+#endif
 }
 
-static void q4_range(const void *arg, int begin, int end) {
-    for (int n = begin; n < end; n++) quant_row(arg, n, 1);
+static inline __attribute__((always_inline)) void quant_range(const job_t *j, int begin, int end, const int q4) {
+    for (int n = begin; n < end; n++) {
+        if (j->M == 1) { quant_row(j, n, q4); continue; }
+        for (int m0 = 0; m0 < j->M; m0 += MAX_ROWS_AT_ONCE)
+            quant_row_many(j, n, m0, j->M - m0 < MAX_ROWS_AT_ONCE ? j->M - m0 : MAX_ROWS_AT_ONCE, q4);
+    }
 }
+
+static void q8_range(const void *arg, int begin, int end) { quant_range(arg, begin, end, 0); }
+
+static void q4_range(const void *arg, int begin, int end) { quant_range(arg, begin, end, 1); }
 
 /* Widen a packed [N, K] matrix to float32 (for PyTorch's GEMM on many rows); exactly
  * d * q (+ m) per value, as the products above use it. */
