@@ -228,3 +228,24 @@ def test_size_plans_the_weight_bytes_the_engine_holds(weights_dtype, smollm_engi
     planned = json.loads(r.stdout)
     assert planned["weights_bytes"] == engine.stats()["weight_bytes"]
     assert planned["weights_formats"] == engine.stats()["weights_dtype"]
+
+
+@needs_kernels
+def test_portable_build_computes_the_same(monkeypatch):
+    """The C paths a CPU without AVX2 takes (built without -march=native) give the same numbers."""
+    import ctypes
+    lib = kernels._bind(ctypes.CDLL(str(kernels._build(kernels._compiler(), native=False))))
+    monkeypatch.setattr(kernels, "_library", lib)
+    monkeypatch.setattr(kernels, "_tried", True)
+    gen = torch.Generator().manual_seed(5)
+    for fmt in WEIGHT_FORMATS:
+        packed = quantize(torch.randn(70, 96, generator=gen), fmt)
+        x = torch.randn(3, 96, generator=gen)
+        torch.testing.assert_close(matmul(x, packed).double(), x.double() @ dequantize(packed).double().T,
+                                   atol=1e-4, rtol=1e-5)
+    loaded = _tiny(9)
+    fused = _decode_logits(loaded, "int4", True)
+    plain = _decode_logits(loaded, "int4", False, "auto", monkeypatch)  # (undoes the patches when done)
+    for (tokens_a, logits_a), (tokens_b, logits_b) in zip(fused, plain):
+        assert tokens_a == tokens_b
+        torch.testing.assert_close(logits_a, logits_b, atol=2e-4, rtol=1e-4)

@@ -71,13 +71,6 @@ static void meet(barrier_t *b, int *sense, int nt) {
     }
 }
 
-static void share_of(int tid, int nt, int total, int align, int *begin, int *end) {
-    long units = (total + align - 1) / align;
-    long b = units * tid / nt * align, e = units * (tid + 1) / nt * align;
-    *begin = (int)(b < total ? b : total);
-    *end = (int)(e < total ? e : total);
-}
-
 /* --- the pieces ------------------------------------------------------------------------------ */
 
 static void rmsnorm(const float *x, const float *w, float *out, int n, int size, float eps) {
@@ -94,7 +87,7 @@ static void rmsnorm(const float *x, const float *w, float *out, int n, int size,
 static void matmul_share(const kv_weight *w, int n, const float *x, const float *xsum, float *y, int tid, int nt) {
     job_t job = {w->fmt, n, w->rows, w->cols, x, xsum, w->data, w->scale, w->minimum, w->bias, y};
     int begin, end;
-    share_of(tid, nt, w->rows, 16, &begin, &end);
+    kv_share(tid, nt, w->rows, 16, &begin, &end);
     if (begin < end) kv_range_fn(w->fmt)(&job, begin, end);
 }
 
@@ -154,11 +147,9 @@ static inline void load_row(const kv_model *m, const void *cache, long index, fl
     if (m->kv_bf16) {
         const uint16_t *p = (const uint16_t *)cache + index;
 #ifdef KV_AVX2
-        for (; d + 8 <= hd; d += 8)
-            _mm256_storeu_ps(out + d, _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + d))), 16)));
+        for (; d + 8 <= hd; d += 8) _mm256_storeu_ps(out + d, kv_load_bf16(p + d));
 #endif
-        for (; d < hd; d++) out[d] = cache_value(m, cache, index + d);
+        for (; d < hd; d++) out[d] = cache_value(m, p, d);
     } else {
         memcpy(out, (const float *)cache + index, (size_t)hd * sizeof(float));
     }
@@ -170,9 +161,7 @@ static inline float dot(const float *a, const float *b, int size) {
 #ifdef KV_AVX2
     __m256 acc = _mm256_setzero_ps();
     for (; k + 8 <= size; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    sum = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+    sum = kv_hsum(acc);
 #endif
     for (; k < size; k++) sum += a[k] * b[k];
     return sum;
