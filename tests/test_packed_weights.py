@@ -85,15 +85,23 @@ def test_weight_format_rules():
     assert weight_format("model.embed_tokens.weight", None, "int4", "float32") == "q8_0"  # vocab stays 8-bit
     assert weight_format("model.embed_tokens.weight", None, "auto", "float32") is None  # a plain tensor
     assert weight_format("model.layers.3.input_layernorm.weight", None, "int4", "float32") is None
+    bf16 = prepare_weights({layer: torch.zeros(8, 64, dtype=torch.bfloat16)}, "auto", "float32")[layer]
+    assert bf16.fmt == "bfloat16"  # a file's bfloat16 weights stay bfloat16 under auto
     with pytest.raises(ValueError, match="int3"):
         parse_weights_dtype("int3")
     with pytest.raises(ValueError, match="blocks of 32"):
         prepare_weights({layer: torch.zeros(8, 40)}, "int8", "float32")
 
 
-def test_auto_dtype_follows_the_cpu():
+def test_auto_dtype_follows_the_cpu(torch_only):
+    # without the kernels: bfloat16 where the CPU multiplies it natively
     assert resolve_dtype("auto") == ("bfloat16" if kernels.native_bf16() else "float32")
     assert resolve_dtype("fp32") == "float32"
+
+
+@needs_kernels
+def test_auto_dtype_is_float32_where_the_fused_decode_runs():
+    assert resolve_dtype("auto") == "float32"
 
 
 # --- whole models -----------------------------------------------------------------------------

@@ -104,19 +104,23 @@ _warned_emulated_bf16 = False
 
 
 def resolve_dtype(dtype: str, device: torch.device | str = "cpu") -> str:
-    """The model dtype to compute in: ``auto`` is bfloat16 where the device multiplies it natively (a
-    GPU, a CPU with AVX-512 BF16 or AMX) and float32 elsewhere; bfloat16 asked for on a CPU that
-    emulates it is granted with a warning (once), as it runs slower there than float32."""
+    """The model dtype to compute in. ``auto``: float32 on a CPU where kvcache's C kernels run
+    (their fused decode step computes in float32 and reads the weights in their own format, so
+    bfloat16 weights, not bfloat16 arithmetic, are what speed decode up there); elsewhere bfloat16
+    where the device multiplies it natively (a GPU, a CPU with AVX-512 BF16 or AMX) and float32
+    otherwise. bfloat16 asked for on a CPU that emulates it is granted with a warning (once), as it
+    runs slower there than float32."""
     global _warned_emulated_bf16
     name = parse_model_dtype(dtype)
-    native = torch.device(device).type != "cpu" or kernels.native_bf16()
+    cpu = torch.device(device).type == "cpu"
+    native = not cpu or kernels.native_bf16()
     if name == "auto":
-        return "bfloat16" if native else "float32"
+        return "float32" if cpu and kernels.library() is not None else "bfloat16" if native else "float32"
     if name == "bfloat16" and not native and not _warned_emulated_bf16:
         _warned_emulated_bf16 = True
         log.warning("This CPU has no native bfloat16 matmul (%s); PyTorch emulates it, so bfloat16 runs "
-                    "slower here than float32. --dtype auto picks float32 on this CPU; --weights-dtype "
-                    "bfloat16 halves the weights' bytes and still computes in float32.", kernels.cpu_description())
+                    "slower here than float32. --weights-dtype bfloat16 halves the weights' bytes and still "
+                    "computes in float32.", kernels.cpu_description())
     return name
 
 

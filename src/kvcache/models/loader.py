@@ -374,8 +374,9 @@ _GGUF_PACKED = {"Q8_0": "q8_0", "Q4_0": "q4_1", "Q4_1": "q4_1"}
 
 
 def weight_shapes(path: str | os.PathLike | None) -> dict[str, tuple[tuple[int, ...], str | None]]:
-    """Each weight's HF name -> (shape, the packed format the engine would take it in as stored, or
-    None for a float tensor), read off the file's header without loading any tensor."""
+    """Each weight's HF name -> (shape, the format it is stored in as :func:`kvcache.models.packed.weight_format`
+    takes it: a packed format, "bfloat16", or None for float32), read off the file's header without
+    loading any tensor."""
     resolved = model_path(path)
     if not resolved.exists():
         raise ValueError(f"Model path {str(resolved)!r} does not exist.")
@@ -386,7 +387,9 @@ def weight_shapes(path: str | os.PathLike | None) -> dict[str, tuple[tuple[int, 
         for shard in sorted(folder.glob("*.safetensors")):
             with safe_open(str(shard), framework="pt") as f:
                 for name in f.keys():
-                    shapes[name] = (tuple(f.get_slice(name).get_shape()), None)
+                    part = f.get_slice(name)
+                    stored = "bfloat16" if part.get_dtype() == "BF16" and packable(name) else None
+                    shapes[name] = (tuple(part.get_shape()), stored)
         return shapes
     _, _, tensors, config = _open_gguf(resolved)
     names = _gguf_names(config)

@@ -280,8 +280,9 @@ def packable(name: str) -> bool:
 def weight_format(name: str, stored: str | None, weights_dtype: str, compute_dtype: str) -> str | None:
     """The format the engine keeps weight ``name`` in (None: a plain tensor in the model's dtype).
 
-    ``stored`` is the packed format the file holds it in (None for a float tensor). ``auto`` keeps
-    the file's blocks and multiplies float weights in the model's dtype; ``int4`` keeps the token
+    ``stored`` is the format the file holds it in: a packed one, "bfloat16" for a bfloat16 tensor,
+    None for a float32 one. ``auto`` keeps the file's blocks and bfloat16 tensors as they are and
+    float32 ones in the model's dtype; ``int4`` keeps the token
     embedding and output head in int8 (their rows are looked up one by one and they set every
     logit, so llama.cpp's 4-bit files keep them at 6-8 bits too)."""
     if not packable(name):
@@ -327,12 +328,13 @@ def prepare_weights(weights: dict[str, torch.Tensor | PackedWeight], weights_dty
     weights_dtype = parse_weights_dtype(weights_dtype)
     prepared: dict[str, torch.Tensor | PackedWeight] = {}
     for name, w in weights.items():
-        stored = w.fmt if isinstance(w, PackedWeight) else None
+        # a file's bfloat16 tensors count as stored in that format: auto keeps them so
+        stored = w.fmt if isinstance(w, PackedWeight) else "bfloat16" if w.dtype == torch.bfloat16 else None
         fmt = weight_format(name, stored, weights_dtype, compute_dtype)
         if fmt is None:
             prepared[name] = dequantize(w) if isinstance(w, PackedWeight) else w
         elif fmt == stored:
-            prepared[name] = w
+            prepared[name] = w if isinstance(w, PackedWeight) else PackedWeight(fmt, w)
         else:
             source = dequantize(w) if isinstance(w, PackedWeight) else w
             if fmt in QUANTIZED and source.shape[1] % BLOCK:
