@@ -293,7 +293,7 @@ class KVCacheManager:
         """Move the live slots past the new end into the dropped slots below it and release the
         blocks past it. False (and no change) when a shared block needing a private copy finds none.
 
-            live 10, drop [1, 5, 6]  ->  moves 9 -> 1, 8 -> 5 (7 stays)  ->  live 7
+            live 10, drop [1, 5, 8]  ->  moves 7 -> 1, 9 -> 5  ->  live 7 (slots 0 .. 6)
         """
         bs = self.block_size
         live = len(state.groups[group].positions)

@@ -15,8 +15,8 @@ This module plans on plain data: which slots to drop. The kv manager moves the s
 holes and gives back blocks no live token uses (see ``KVCacheManager.evict``). A token keeps the
 position it was computed at; its key was rotated (RoPE) with it before it was stored.
 
-    slots:      [ s0 s1 s2 s3 | s4 s5 s6 s7 | s8 s9 ]      live: 10, budget 7, drop s1 s5 s6
-    after:      [ s0 s9 s2 s3 | s4 s8 s7 ]                 s9, s8 fill the holes below 7; the
+    slots:      [ s0 s1 s2 s3 | s4 s5 s6 s7 | s8 s9 ]      live: 10, budget 7, drop s1 s5 s8
+    after:      [ s0 s7 s2 s3 | s4 s9 s6 ]                 s7, s9 fill the holes below 7; the
                                                           third block holds nothing and goes back
 """
 
@@ -47,6 +47,7 @@ class KVPolicy:
     recent: float = 0.5
     window: int = 32
     kernel: int = 7
+    average: bool = False  # h2o: rank by mean attention per query that saw the token, not the sum
 
     def __post_init__(self) -> None:
         if self.name not in KV_POLICIES:
@@ -97,13 +98,14 @@ class GroupLive:
 
     positions: list[int] = field(default_factory=list)
     scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))  # [live]
+    seen: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))  # [live] queries
     observed: torch.Tensor | None = None  # snapkv: the last chunk's observation scores [live]
     observed_rows: int = 0  # query rows behind ``observed``
     pinned: frozenset[int] = frozenset()  # snapkv: positions its last compression chose
     evicted: int = 0  # tokens dropped so far
 
     def copy(self) -> "GroupLive":
-        return GroupLive(list(self.positions), self.scores.clone(),
+        return GroupLive(list(self.positions), self.scores.clone(), self.seen.clone(),
                          None if self.observed is None else self.observed.clone(), self.observed_rows,
                          self.pinned, self.evicted)
 
@@ -143,7 +145,8 @@ class PolicyState:
         first = live.evicted + len(live.positions)  # tokens computed so far in position order
         if num_computed > first:
             live.positions.extend(range(first, num_computed))
-            live.scores = torch.cat([live.scores, torch.zeros(num_computed - first, dtype=torch.float64)])
+            fresh = torch.zeros(num_computed - first, dtype=torch.float64)
+            live.scores, live.seen = torch.cat([live.scores, fresh]), torch.cat([live.seen, fresh])
 
     def score_rows(self, num_new: int) -> int:
         """How many of a step's last ``num_new`` query rows the policy wants attention weights of."""
@@ -162,6 +165,8 @@ class PolicyState:
                                f"{len(live.positions)} live tokens.")
         if self.policy.name == "h2o":
             live.scores += weights.to(torch.float64)
+            last = live.evicted + len(live.positions) - 1  # the last query's position
+            live.seen += (last + 1 - torch.tensor(live.positions, dtype=torch.float64)).clamp(0, rows)
         else:
             live.observed, live.observed_rows = weights.to(torch.float64), rows
 
@@ -179,7 +184,8 @@ class PolicyState:
         name = self.policy.name
         if name == "h2o":
             recent = min(max(1, round(self.policy.recent * self.budget)), self.budget - sinks)
-            keep = self._top_between(order, live.scores, sinks, recent)
+            ranking = live.scores / live.seen.clamp(min=1) if self.policy.average else live.scores
+            keep = self._top_between(order, ranking, sinks, recent)
         elif name == "snapkv" and observed is not None:
             keep = self._compress(live, order, observed, min(rows, self.budget - sinks), sinks)
         elif name == "snapkv":
@@ -229,6 +235,7 @@ class PolicyState:
         if moves:
             src, dst = zip(*moves)
             live.scores[list(dst)] = live.scores[list(src)]
+            live.seen[list(dst)] = live.seen[list(src)]
         del live.positions[num_live:]
-        live.scores = live.scores[:num_live].clone()
+        live.scores, live.seen = live.scores[:num_live].clone(), live.seen[:num_live].clone()
         live.evicted += dropped

@@ -35,6 +35,8 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     cache_salt: str | None = None
     user: str | None = None
+    kv_policy: str | None = None  # extension: full, streaming, h2o or snapkv (default: the server's)
+    kv_budget: Union[int, float, None] = None  # extension: KV tokens kept, or a fraction of the sequence
 
     def check_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
