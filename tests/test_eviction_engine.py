@@ -1,0 +1,229 @@
+"""Eviction policies in the real engine (SmolLM2) and against recomputation over the kept tokens.
+
+* a budget that holds the whole sequence is exactly the full engine, token for token;
+* under a small budget the blocks a request holds stay bounded and evicted blocks go back;
+  prefix caching, n > 1 forks and preemption (swap, recompute) keep working;
+* with a one-layer model, every step's logits under eviction equal a fresh pass over exactly the
+  kept tokens at their original positions (so masks, slot reads and RoPE positions are right);
+  with three layers, the fast attention equals the reference attention under eviction;
+* bad budgets and unknown policies are one clear error (engine ValueError, CLI exit 2).
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kvcache.cache.policies import KVPolicy
+from kvcache.config import ModelConfig, SamplingParams, SchedulerConfig
+from kvcache.engine.engine import LLMEngine, build_model
+from kvcache.models.attention import paged_attention, reference_attention
+from kvcache.models.loader import LoadedModel
+from kvcache.runtime.plan import ScheduledSequence
+from kvcache.runtime.reference import logits_without_cache
+from kvcache.runtime.scoring import policy_step_logits
+
+PROMPTS = ["The history of the printing press begins in the fifteenth century, when a goldsmith in Mainz "
+           "combined movable metal type, oil-based ink and a screw press into one system. Within fifty "
+           "years presses were running in more than two hundred cities across Europe.",
+           "def quicksort(values):\n    if len(values) < 2:\n        return values\n    pivot = values[0]\n"
+           "    smaller = [v for v in values[1:] if v < pivot]\n"]
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def generate(engine: LLMEngine, prompts, params, each_step=None) -> list[list[list[int]]]:
+    ids = [engine.add_request(None, p, params) for p in prompts]
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = [list(c.token_ids) for c in out.outputs]
+        if each_step:
+            each_step(engine)
+    return [done[i] for i in ids]
+
+
+@pytest.fixture(scope="module")
+def full_tokens(smollm_engine_factory):
+    return generate(smollm_engine_factory(num_blocks=128), PROMPTS, GREEDY)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv"])
+def test_a_budget_holding_the_sequence_is_exactly_full(smollm_engine_factory, full_tokens, policy):
+    engine = smollm_engine_factory(num_blocks=128)
+    longest = max(len(engine.encode_prompt(p)) for p in PROMPTS) + GREEDY.max_tokens
+    for budget in (longest, 1.0):
+        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, kv_policy=policy, kv_budget=budget)
+        assert generate(engine, PROMPTS, params) == full_tokens
+    assert engine.stats()["num_tokens_evicted"] == 0
+
+
+def _bounded(budget: int, chunk: int, block_size: int):
+    """A check after each step: every evicting request holds at most the budget plus a step."""
+    most = -(-(budget + chunk) // block_size) + 1
+    seen = []
+
+    def check(engine: LLMEngine) -> None:
+        for r in engine.scheduler.running:
+            if r.kv_state is not None:
+                assert engine.kv.num_blocks_held(r) <= most, (r.request_id, r.block_tables)
+                seen.append(engine.kv.num_blocks_held(r))
+    return check, seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv"])
+def test_small_budgets_bound_the_blocks_and_give_them_back(smollm_engine_factory, policy):
+    engine = smollm_engine_factory(num_blocks=128, block_size=8,
+                                   scheduler_config=SchedulerConfig(long_prefill_token_threshold=16))
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, kv_policy=policy, kv_budget=24)
+    check, seen = _bounded(24, 16, 8)
+    out = generate(engine, PROMPTS, params, check)
+    assert all(len(o[0]) == 40 for o in out) and seen
+    stats = engine.stats()
+    assert stats["num_tokens_evicted"] > 0 and stats["num_blocks_evicted"] > 0
+    assert engine.pool.num_used == 0  # every block back (some still findable as cached prefixes)
+
+
+@pytest.mark.slow
+def test_prefix_hits_after_an_evicting_request_are_exact(smollm_engine_factory, full_tokens):
+    """A request that evicted gives back blocks; a later full request that finds the same prompt in
+    the prefix cache must compute exactly what it would from scratch."""
+    engine = smollm_engine_factory(num_blocks=128, block_size=8)
+    evicting = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, kv_policy="h2o", kv_budget=20)
+    generate(engine, PROMPTS, evicting)
+    assert engine.stats()["num_tokens_evicted"] > 0
+    hits_before = engine.kv.prefix_cache_hits
+    assert generate(engine, PROMPTS, GREEDY) == full_tokens
+    assert engine.kv.prefix_cache_hits > hits_before  # the untouched blocks were reused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv"])
+def test_forks_share_then_evict_on_their_own(smollm_engine_factory, policy):
+    engine = smollm_engine_factory(num_blocks=128, block_size=8)
+    one = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, kv_policy=policy, kv_budget=24)
+    single = generate(engine, PROMPTS[:1], one)[0][0]
+    two = generate(engine, PROMPTS[:1], SamplingParams(n=2, max_tokens=20, temperature=0.0, ignore_eos=True,
+                                                       kv_policy=policy, kv_budget=24))[0]
+    assert two == [single, single]  # greedy samples evict alike and equal the single request
+    assert engine.pool.num_used == 0
+
+
+@pytest.mark.slow
+def test_preemption_by_swap_keeps_the_kept_tokens_and_recompute_starts_over(smollm_engine_factory):
+    # streaming: what it keeps depends on positions alone, not on weights a different batch rounds apart
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, kv_policy="streaming", kv_budget=24)
+    roomy = generate(smollm_engine_factory(num_blocks=128, block_size=8), PROMPTS * 2, params)
+    for mode in ("swap", "recompute"):
+        engine = smollm_engine_factory(num_blocks=18, block_size=8,
+                                       scheduler_config=SchedulerConfig(preemption_mode=mode,
+                                                                        long_prefill_token_threshold=16))
+        out = generate(engine, PROMPTS * 2, params)
+        assert engine.stats()["num_preemptions"] > 0 and engine.pool.num_used == 0
+        if mode == "swap":  # the swapped request comes back with the same live tokens
+            assert out == roomy
+        else:
+            assert all(len(o[0]) == 32 for o in out)
+
+
+@pytest.mark.slow
+def test_engine_rejects_what_it_cannot_run(smollm, smollm_engine_factory):
+    with pytest.raises(ValueError, match="Unknown kv_policy 'lru'"):
+        LLMEngine(loaded=smollm, num_blocks=16, kv_policy="lru")
+    with pytest.raises(ValueError, match="needs a kv_budget"):
+        LLMEngine(loaded=smollm, num_blocks=16, kv_policy="h2o")
+    with pytest.raises(ValueError, match="cannot \\(its key scales cover whole blocks\\)"):
+        LLMEngine(loaded=smollm, num_blocks=16, kv_cache_dtype="int4", kv_policy="streaming", kv_budget=0.5)
+    engine = smollm_engine_factory(num_blocks=32)
+    with pytest.raises(ValueError, match="more than the 4 attention sinks"):
+        engine.add_request(None, PROMPTS[0], SamplingParams(kv_policy="h2o", kv_budget=3))
+    with pytest.raises(ValueError, match="kv_budget needs a kv_policy that evicts"):
+        engine.add_request(None, PROMPTS[0], SamplingParams(kv_budget=30))
+    assert not engine.has_unfinished_requests() and engine.pool.num_used == 0
+
+
+# --- against recomputation, on tiny random models ------------------------------------------------
+
+def _tiny(layers: int) -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(layers)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                                   num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=500.0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    config = ModelConfig.from_hf_config(hf.config.to_dict())
+    weights = {k: v.detach().clone() for k, v in hf.state_dict().items()}
+    return build_model(LoadedModel(config, weights, None, "hf"), "float32", torch.device("cpu"))
+
+
+def _fresh_pass(model, tokens: list[int], positions: list[int]) -> torch.Tensor:
+    """Logits of one pass over ``tokens`` at these positions, in an empty cache, causal in list order."""
+    from kvcache.cache.spec import group_layers, layer_specs
+    from kvcache.cache.storage import KVCache
+    from kvcache.runtime.runner import ModelRunner
+    groups = group_layers(layer_specs(model.config, "fp32"))
+    storage = KVCache(groups, -(-len(tokens) // 4), 4)
+    runner = ModelRunner(model, storage)
+    seq = ScheduledSequence("ref", tuple(tokens), 0, (tuple(range(storage.num_blocks)),), True)
+    t, _, meta = runner.prepare((seq,))
+    hidden = model(t, torch.tensor(positions), meta, storage.layers)
+    return model.compute_logits(hidden)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv"])
+def test_one_layer_logits_equal_a_fresh_pass_over_exactly_the_kept_tokens(policy):
+    """With one layer a token's K and V depend on nothing but the token and its position, so the
+    step's logits must equal a fresh pass over [kept tokens, step tokens] at their own positions."""
+    model = _tiny(1)
+    text = torch.randint(0, 256, (120,), generator=torch.Generator().manual_seed(3)).tolist()
+    kv_policy = KVPolicy(policy, 30, sinks=2, window=4, kernel=3)
+    checked = 0
+    with torch.inference_mode():
+        for start, logits, state in policy_step_logits(model, text, "fp32", kv_policy, step=5, block_size=4):
+            kept = sorted(p for p in state.groups[0].positions if p < start)  # what the step attended to
+            step = list(range(start, start + len(logits)))
+            if len(kept) < start:
+                checked += 1
+                assert len(kept) <= 30
+            ref = _fresh_pass(model, [text[p] for p in kept + step], kept + step)[-len(step):]
+            torch.testing.assert_close(logits, ref, rtol=1e-4, atol=1e-4)
+    assert checked > 10
+
+
+def test_fast_attention_equals_the_reference_under_eviction():
+    model = _tiny(3)
+    text = torch.randint(0, 256, (90,), generator=torch.Generator().manual_seed(5)).tolist()
+    policy = KVPolicy("streaming", 25, sinks=2)
+    with torch.inference_mode():
+        fast = [logits for _, logits, _ in policy_step_logits(model, text, "fp32", policy, step=7, block_size=4)]
+        model.attention_fn = reference_attention
+        slow = [logits for _, logits, _ in policy_step_logits(model, text, "fp32", policy, step=7, block_size=4)]
+        model.attention_fn = paged_attention
+    torch.testing.assert_close(torch.cat(fast), torch.cat(slow), rtol=1e-4, atol=1e-4)
+    full = logits_without_cache(model, text)
+    assert not torch.allclose(torch.cat(fast)[-7:], full[-7:], atol=1e-3)  # it did evict
+
+
+# --- errors a person sees --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,words", [
+    (["generate", "hi", "--kv-policy", "lru", "--kv-budget", "64"], "Unknown kv_policy 'lru'"),
+    (["generate", "hi", "--kv-policy", "h2o", "--kv-budget", "lots"], "--kv-budget 'lots' is not a number"),
+    (["generate", "hi", "--kv-policy", "h2o", "--kv-budget", "0"], "--kv-budget '0' must be"),
+    (["generate", "hi", "--kv-policy", "h2o", "--kv-budget", "150%"], "--kv-budget '150%' must be"),
+    (["perplexity", "/dev/null", "--kv-policy", "snapkv"], "needs a kv_budget"),
+    (["perplexity", "/dev/null", "--kv-budget", "0.2"], "--kv-budget needs a --kv-policy that evicts"),
+])
+def test_cli_errors_are_one_sentence_and_exit_2(argv, words):
+    r = subprocess.run([sys.executable, "-m", "kvcache", *argv], capture_output=True, timeout=300)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and words in lines[0], err
