@@ -37,17 +37,16 @@ class KVPolicy:
     sequence (prompt + max_tokens for a request; the text for ``kvcache perplexity``).
 
     ``sinks``: leading tokens every policy keeps. ``recent``: h2o's recent window as a share of the
-    budget (the rest, past the sinks, is heavy hitters). ``window`` and ``kernel``: snapkv's
+    budget (the rest, past the sinks, is heavy hitters; H2O's paper splits half and half). ``window`` and ``kernel``: snapkv's
     observation window (query rows) and pooling width.
     """
 
     name: str = "full"
     budget: int | float | None = None
     sinks: int = 4
-    recent: float = 0.5
+    recent: float = 0.75  # measured on SmolLM2 at 20%: ΔPPL +3.2% against +5.2% with H2O's 0.5
     window: int = 32
     kernel: int = 7
-    average: bool = False  # h2o: rank by mean attention per query that saw the token, not the sum
 
     def __post_init__(self) -> None:
         if self.name not in KV_POLICIES:
@@ -98,14 +97,13 @@ class GroupLive:
 
     positions: list[int] = field(default_factory=list)
     scores: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))  # [live]
-    seen: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))  # [live] queries
     observed: torch.Tensor | None = None  # snapkv: the last chunk's observation scores [live]
     observed_rows: int = 0  # query rows behind ``observed``
     pinned: frozenset[int] = frozenset()  # snapkv: positions its last compression chose
     evicted: int = 0  # tokens dropped so far
 
     def copy(self) -> "GroupLive":
-        return GroupLive(list(self.positions), self.scores.clone(), self.seen.clone(),
+        return GroupLive(list(self.positions), self.scores.clone(),
                          None if self.observed is None else self.observed.clone(), self.observed_rows,
                          self.pinned, self.evicted)
 
@@ -145,8 +143,7 @@ class PolicyState:
         first = live.evicted + len(live.positions)  # tokens computed so far in position order
         if num_computed > first:
             live.positions.extend(range(first, num_computed))
-            fresh = torch.zeros(num_computed - first, dtype=torch.float64)
-            live.scores, live.seen = torch.cat([live.scores, fresh]), torch.cat([live.seen, fresh])
+            live.scores = torch.cat([live.scores, torch.zeros(num_computed - first, dtype=torch.float64)])
 
     def score_rows(self, num_new: int) -> int:
         """How many of a step's last ``num_new`` query rows the policy wants attention weights of."""
@@ -165,8 +162,6 @@ class PolicyState:
                                f"{len(live.positions)} live tokens.")
         if self.policy.name == "h2o":
             live.scores += weights.to(torch.float64)
-            last = live.evicted + len(live.positions) - 1  # the last query's position
-            live.seen += (last + 1 - torch.tensor(live.positions, dtype=torch.float64)).clamp(0, rows)
         else:
             live.observed, live.observed_rows = weights.to(torch.float64), rows
 
@@ -184,8 +179,7 @@ class PolicyState:
         name = self.policy.name
         if name == "h2o":
             recent = min(max(1, round(self.policy.recent * self.budget)), self.budget - sinks)
-            ranking = live.scores / live.seen.clamp(min=1) if self.policy.average else live.scores
-            keep = self._top_between(order, ranking, sinks, recent)
+            keep = self._top_between(order, live.scores, sinks, recent)
         elif name == "snapkv" and observed is not None:
             keep = self._compress(live, order, observed, min(rows, self.budget - sinks), sinks)
         elif name == "snapkv":
@@ -235,7 +229,6 @@ class PolicyState:
         if moves:
             src, dst = zip(*moves)
             live.scores[list(dst)] = live.scores[list(src)]
-            live.seen[list(dst)] = live.seen[list(src)]
         del live.positions[num_live:]
-        live.scores, live.seen = live.scores[:num_live].clone(), live.seen[:num_live].clone()
+        live.scores = live.scores[:num_live].clone()
         live.evicted += dropped
