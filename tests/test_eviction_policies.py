@@ -163,3 +163,20 @@ def test_swap_restores_only_the_live_slots():
     kv.free(r)
     restored = kv.restore(r, 1)
     assert restored is not None and len(restored) == 2 and len(r.block_tables[0]) == 2
+
+
+def test_adopting_a_kept_requests_kv_keeps_the_new_requests_own_policy():
+    pool = BlockPool(8)
+    kv = KVCacheManager(pool, 4)
+    kept = _seq("kept", 10, "h2o", 8)
+    assert kv.allocate_slots(kept, 10)
+    kept.num_computed_tokens = 10
+    kept.kv_state.sync(0, 10)
+    nxt = _seq("next", 12, "streaming", 6)
+    own = nxt.kv_state
+    assert kv.adopt(kept, nxt, 9) and nxt.num_computed_tokens == 9
+    assert nxt.kv_state is own and own.groups[0].positions == []
+    own.sync(0, nxt.num_computed_tokens)
+    assert own.groups[0].positions == list(range(9))
+    kv.evict(kept)  # the kept request evicts: nothing more may be adopted from it
+    assert not kv.adopt(kept, _seq("later", 12), 9)

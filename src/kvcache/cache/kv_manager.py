@@ -458,6 +458,9 @@ class KVCacheManager:
         already released blocks a query there would see, or its policy evicted tokens."""
         if self._released_before(source, num_tokens) or self.kv_offsets(source):
             return False
+        own = _policy(seq)  # the new request's own policy (fork would copy the source's)
         self.fork(source, seq)
         self.truncate(seq, num_tokens)
+        if own is not None or _policy(source) is not None:
+            seq.kv_state = own  # it counts the adopted tokens as live when it next looks
         return True
