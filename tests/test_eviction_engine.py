@@ -88,16 +88,23 @@ def test_small_budgets_bound_the_blocks_and_give_them_back(smollm_engine_factory
 
 
 @pytest.mark.slow
-def test_prefix_hits_after_an_evicting_request_are_exact(smollm_engine_factory, full_tokens):
-    """A request that evicted gives back blocks; a later full request that finds the same prompt in
-    the prefix cache must compute exactly what it would from scratch."""
+def test_prefix_hits_around_an_evicting_request_are_exact(smollm_engine_factory, full_tokens):
+    """An evicting request that starts from cached prompt blocks copies them before changing them;
+    the prompt's blocks stay findable, and a later request that finds them computes exactly what it
+    would from scratch. (What the evicting request changed is never offered: its first block always
+    changes, so nothing of its own chain stays registered.)"""
     engine = smollm_engine_factory(num_blocks=128, block_size=8)
+    assert generate(engine, PROMPTS, GREEDY) == full_tokens
+    hits = engine.kv.prefix_cache_hits
     evicting = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, kv_policy="h2o", kv_budget=20)
     generate(engine, PROMPTS, evicting)
-    assert engine.stats()["num_tokens_evicted"] > 0
-    hits_before = engine.kv.prefix_cache_hits
+    assert engine.stats()["num_tokens_evicted"] > 0 and engine.kv.prefix_cache_hits > hits
+    hits = engine.kv.prefix_cache_hits
     assert generate(engine, PROMPTS, GREEDY) == full_tokens
-    assert engine.kv.prefix_cache_hits > hits_before  # the untouched blocks were reused
+    assert engine.kv.prefix_cache_hits > hits
+    fresh = smollm_engine_factory(num_blocks=128, block_size=8)
+    generate(fresh, PROMPTS, evicting)
+    assert generate(fresh, PROMPTS, GREEDY) == full_tokens and fresh.kv.prefix_cache_hits == 0
 
 
 @pytest.mark.slow
@@ -227,3 +234,31 @@ def test_cli_errors_are_one_sentence_and_exit_2(argv, words):
     assert r.returncode == 2 and "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and words in lines[0], err
+
+
+def test_hybrid_model_evicts_in_its_global_group_only():
+    """Gemma-3's pattern: the policy governs the full-attention group; the sliding groups keep their
+    windows and offsets of 0. Fast attention equals the reference under eviction, and the engine
+    runs every policy to the end with every block back."""
+    from test_gemma3 import _hf_model, _loaded
+    loaded = _loaded(_hf_model("mqa-window"))  # windows of 5, two global layers
+    model = build_model(loaded, "float32", torch.device("cpu"))
+    text = torch.randint(0, 256, (70,), generator=torch.Generator().manual_seed(7)).tolist()
+    policy = KVPolicy("streaming", 16, sinks=2)
+    with torch.inference_mode():
+        runs = []
+        for attention in (paged_attention, reference_attention):
+            model.attention_fn = attention
+            steps = list(policy_step_logits(model, text, "fp32", policy, step=6, block_size=4))
+            runs.append(torch.cat([logits for _, logits, _ in steps]))
+        model.attention_fn = paged_attention
+    from kvcache.cache.spec import group_layers, layer_specs
+    state = steps[-1][2]
+    full = {g.group_id for g in group_layers(layer_specs(model.config, "fp32")) if g.spec.window is None}
+    assert len(full) == 1 and set(state.groups) == full and all(state.evicted(g) > 0 for g in full)
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-4, atol=1e-4)
+    for name in ("streaming", "h2o", "snapkv"):
+        engine = LLMEngine(loaded=loaded, num_blocks=64, block_size=4)
+        params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, kv_policy=name, kv_budget=12)
+        out = generate(engine, [text[:25]], params)
+        assert len(out[0][0]) == 30 and engine.stats()["num_tokens_evicted"] > 0 and engine.pool.num_used == 0
