@@ -89,10 +89,9 @@ def test_small_budgets_bound_the_blocks_and_give_them_back(smollm_engine_factory
 
 @pytest.mark.slow
 def test_prefix_hits_around_an_evicting_request_are_exact(smollm_engine_factory, full_tokens):
-    """An evicting request that starts from cached prompt blocks copies them before changing them;
-    the prompt's blocks stay findable, and a later request that finds them computes exactly what it
-    would from scratch. (What the evicting request changed is never offered: its first block always
-    changes, so nothing of its own chain stays registered.)"""
+    """An evicting request copies a cached block before changing it, so the prompt's blocks stay
+    findable (those it found, and those it registered itself before evicting), and a later request
+    that finds them computes exactly what it would from scratch. What it changed is never offered."""
     engine = smollm_engine_factory(num_blocks=128, block_size=8)
     assert generate(engine, PROMPTS, GREEDY) == full_tokens
     hits = engine.kv.prefix_cache_hits
@@ -104,7 +103,8 @@ def test_prefix_hits_around_an_evicting_request_are_exact(smollm_engine_factory,
     assert engine.kv.prefix_cache_hits > hits
     fresh = smollm_engine_factory(num_blocks=128, block_size=8)
     generate(fresh, PROMPTS, evicting)
-    assert generate(fresh, PROMPTS, GREEDY) == full_tokens and fresh.kv.prefix_cache_hits == 0
+    assert fresh.kv.prefix_cache_hits == 0
+    assert generate(fresh, PROMPTS, GREEDY) == full_tokens and fresh.kv.prefix_cache_hits > 0
 
 
 @pytest.mark.slow
@@ -125,7 +125,7 @@ def test_preemption_by_swap_keeps_the_kept_tokens_and_recompute_starts_over(smol
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, kv_policy="streaming", kv_budget=24)
     roomy = generate(smollm_engine_factory(num_blocks=128, block_size=8), PROMPTS * 2, params)
     for mode in ("swap", "recompute"):
-        engine = smollm_engine_factory(num_blocks=18, block_size=8,
+        engine = smollm_engine_factory(num_blocks=12, block_size=8,
                                        scheduler_config=SchedulerConfig(preemption_mode=mode,
                                                                         long_prefill_token_threshold=16))
         out = generate(engine, PROMPTS * 2, params)

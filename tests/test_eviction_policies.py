@@ -93,7 +93,7 @@ def _seq(rid, n, policy=None, budget=None):
 
 
 def test_compaction_fills_holes_from_the_end_and_frees_the_tail():
-    pool = BlockPool(8)
+    pool = BlockPool(8, enable_prefix_caching=False)  # no cached prefix to keep: blocks change in place
     kv = KVCacheManager(pool, 4)
     r = _seq("a", 10, "streaming", 7)
     assert kv.allocate_slots(r, 10)
@@ -141,14 +141,35 @@ def test_evicted_blocks_are_never_found_by_prefix_hash():
     r.num_computed_tokens = 16
     table = list(r.block_tables[0])
     kv.evict(r)  # h2o with no scores yet: keeps the sink, 3 recent and 2 by (equal) score
-    assert all(pool.blocks[b].block_hash is None for b in r.block_tables[0])  # both blocks changed
-    assert all(pool.blocks[b].block_hash is not None for b in table[2:])  # untouched, given back, still true
-    assert kv.find_cached_prefix(_seq("probe", 16)).num_blocks == 0  # the chain starts at a changed block
+    # both blocks changed, in private copies: the registered originals stay findable, untouched
+    assert not set(r.block_tables[0]) & set(table)
+    assert all(pool.blocks[b].block_hash is None for b in r.block_tables[0])
+    assert all(pool.blocks[b].block_hash is not None and pool.ref_count(b) == 0 for b in table)
+    assert kv.find_cached_prefix(_seq("probe", 16)).tables[0] == tuple(table[:3])
     assert kv.allocate_slots(r, 10) and r.num_computed_tokens == 16
     r.num_computed_tokens = 26
     r.all_token_ids.extend(range(16, 26))
     kv.free(r)  # what it wrote after evicting was never registered
-    assert sum(b.block_hash is not None for b in pool.blocks) == 2
+    assert sum(b.block_hash is not None for b in pool.blocks) == 4
+
+
+def test_without_a_free_block_a_cached_block_changes_in_place_and_loses_its_hash():
+    pool = BlockPool(4)
+    kv = KVCacheManager(pool, 4)
+    r = _seq("r", 16, "streaming", 6)
+    assert kv.allocate_slots(r, 16)
+    r.num_computed_tokens = 16
+    table = list(r.block_tables[0])
+    kv.evict(r)  # drops 1..10: the two tail blocks come back and become the copies of blocks 0, 1
+    assert pool.num_used == 2 and kv.find_cached_prefix(_seq("probe", 16)).tables[0] == tuple(table[:2])
+    pool2 = BlockPool(2)
+    kv2 = KVCacheManager(pool2, 4)
+    q = _seq("q", 8, "streaming", 5)
+    assert kv2.allocate_slots(q, 8)
+    q.num_computed_tokens = 8
+    kv2.evict(q)  # no block to copy into: block 0 changes where it is, and forgets its hash
+    assert pool2.blocks[q.block_tables[0][0]].block_hash is None
+    assert kv2.find_cached_prefix(_seq("probe", 8)).num_blocks == 0
 
 
 def test_swap_restores_only_the_live_slots():

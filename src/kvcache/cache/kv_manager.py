@@ -291,7 +291,9 @@ class KVCacheManager:
 
     def _compact(self, table: list[int], state: PolicyState, group: int, drop: list[int]) -> bool:
         """Move the live slots past the new end into the dropped slots below it and release the
-        blocks past it. False (and no change) when a shared block needing a private copy finds none.
+        blocks past it. A block that changes gets a private copy first when another request holds
+        it (always: False, and no change, when the pool has no block for that) or when it is a
+        findable prefix (while free blocks last: the prefix stays cached for others).
 
             live 10, drop [1, 5, 8]  ->  moves 7 -> 1, 9 -> 5  ->  live 7 (slots 0 .. 6)
         """
@@ -302,10 +304,13 @@ class KVCacheManager:
         holes = [i for i in drop if i < end]
         sources = [i for i in range(end, live) if i not in dropped]
         changed = sorted({h // bs for h in holes})
-        shared = [j for j in changed if self.pool.ref_count(table[j]) > 1]
         tail = table[self.blocks_for(end):]
-        if len(shared) > self.pool.num_free + sum(1 for b in tail if self.pool.ref_count(b) == 1):
+        room = self.pool.num_free + sum(1 for b in tail if self.pool.ref_count(b) == 1)
+        shared = [j for j in changed if self.pool.ref_count(table[j]) > 1]
+        if len(shared) > room:
             return False
+        cached = [j for j in changed if j not in shared and self.pool.blocks[table[j]].block_hash is not None]
+        shared = set(shared + cached[:room - len(shared)])
         slot = [table[i // bs] * bs + i % bs for i in range(live)]  # where each slot index lives now
         moves = dict(zip(holes, sources))  # slot index -> the slot index whose token fills it
         del table[self.blocks_for(end):]
