@@ -9,9 +9,10 @@
 * accuracy: the first --tokens tokens of Persuasion (1818) as one window; the full cache's logits
   in one pass, then each policy at each budget (a fraction of the window) advancing --step tokens
   at a time with eviction before every step; PPL, ΔPPL, mean KLD and top-1 agreement against full.
-* retrieval: a fact ("The code word is ...") then --filler tokens of the novel, then the question;
-  greedy answer through the engine (one prefill chunk, then decode) per policy and budget: is the
-  code word in the answer, and how many of the fact's tokens the policy still holds.
+* retrieval: a fact ("the code word is PELICAN-7319") then --filler tokens of the novel, then the
+  question; greedy answer through the engine (one prefill chunk, then decode) per policy and budget:
+  is the whole code word (and the word alone) in the answer, and how many of the fact's tokens the
+  policy still holds after the prompt.
 * serving: --requests requests of --prompt distinct tokens and --max-tokens outputs on a pool sized
   for --pool-seqs full sequences, prefill in chunks of 256; per policy at --budget: the most requests
   running at once, preemptions, output tokens per second and wall time.
@@ -91,7 +92,7 @@ def retrieval(args: argparse.Namespace) -> None:
     filler = tok.encode(novel_text(), add_special_tokens=False)[2000:2000 + args.filler]
     question = tok.encode(f"\n\nWhat was the code word? The code word is", add_special_tokens=False)
     prompt = fact + filler + question
-    params = dict(max_tokens=8, temperature=0.0, ignore_eos=True)
+    params = dict(max_tokens=12, temperature=0.0, ignore_eos=True)
     runs = [("full", None)] + [(p, float(b)) for b in args.budgets.split(",") for p in POLICIES]
     for name, budget in runs:
         engine = LLMEngine(loaded=loaded, num_blocks=4 * (len(prompt) // 16 + 4))
@@ -109,7 +110,8 @@ def retrieval(args: argparse.Namespace) -> None:
         print(json.dumps({"bench": "retrieval", "kv_policy": name, "kv_budget": budget,
                           "prompt_tokens": len(prompt), "fact_tokens": len(fact),
                           "fact_tokens_held": len(fact) if held is None else held,
-                          "answer": text, "retrieved": CODE_WORD.split("-")[1] in text}), flush=True)
+                          "answer": text, "word": CODE_WORD.split("-")[0] in text,
+                          "retrieved": CODE_WORD in text}), flush=True)
 
 
 def serving(args: argparse.Namespace) -> None:

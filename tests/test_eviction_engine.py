@@ -262,3 +262,16 @@ def test_hybrid_model_evicts_in_its_global_group_only():
         params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, kv_policy=name, kv_budget=12)
         out = generate(engine, [text[:25]], params)
         assert len(out[0][0]) == 30 and engine.stats()["num_tokens_evicted"] > 0 and engine.pool.num_used == 0
+
+
+def test_full_in_policy_steps_equals_one_pass():
+    """The policy scorer with nothing to evict (policy full, or a budget holding the text) computes
+    what one pass does: the perplexity driver adds no error of its own."""
+    model = _tiny(2)
+    text = torch.randint(0, 256, (50,), generator=torch.Generator().manual_seed(9)).tolist()
+    with torch.inference_mode():
+        for policy in (KVPolicy("full"), KVPolicy("h2o", 50)):
+            steps = list(policy_step_logits(model, text, "fp32", policy, step=16, block_size=4))
+            assert all(state is None for _, _, state in steps)
+            torch.testing.assert_close(torch.cat([logits for _, logits, _ in steps]),
+                                       logits_without_cache(model, text), rtol=1e-5, atol=1e-5)
