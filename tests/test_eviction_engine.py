@@ -123,7 +123,8 @@ def test_forks_share_then_evict_on_their_own(smollm_engine_factory, policy):
 def test_preemption_by_swap_keeps_the_kept_tokens_and_recompute_starts_over(smollm_engine_factory):
     # streaming: what it keeps depends on positions alone, not on weights a different batch rounds apart
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, kv_policy="streaming", kv_budget=24)
-    roomy = generate(smollm_engine_factory(num_blocks=128, block_size=8), PROMPTS * 2, params)
+    chunks = SchedulerConfig(long_prefill_token_threshold=16)  # the same prefill chunks: the same evictions
+    roomy = generate(smollm_engine_factory(num_blocks=128, block_size=8, scheduler_config=chunks), PROMPTS * 2, params)
     for mode in ("swap", "recompute"):
         engine = smollm_engine_factory(num_blocks=12, block_size=8,
                                        scheduler_config=SchedulerConfig(preemption_mode=mode,
