@@ -110,9 +110,10 @@ def test_prefix_hits_around_an_evicting_request_are_exact(smollm_engine_factory,
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["streaming", "h2o", "snapkv"])
 def test_forks_share_then_evict_on_their_own(smollm_engine_factory, policy):
-    engine = smollm_engine_factory(num_blocks=128, block_size=8)
+    # two engines: a prefix hit would skip the prompt's queries, whose weights h2o and snapkv rank by
     one = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, kv_policy=policy, kv_budget=24)
-    single = generate(engine, PROMPTS[:1], one)[0][0]
+    single = generate(smollm_engine_factory(num_blocks=128, block_size=8), PROMPTS[:1], one)[0][0]
+    engine = smollm_engine_factory(num_blocks=128, block_size=8)
     two = generate(engine, PROMPTS[:1], SamplingParams(n=2, max_tokens=20, temperature=0.0, ignore_eos=True,
                                                        kv_policy=policy, kv_budget=24))[0]
     assert two == [single, single]  # greedy samples evict alike and equal the single request
