@@ -45,13 +45,13 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
                              "command starts, at least 1)")
 
 
-def add_kv_policy_options(parser: argparse.ArgumentParser) -> None:
+def add_kv_policy_options(parser: argparse.ArgumentParser, sequence: str = "prompt + max tokens") -> None:
     parser.add_argument("--kv-policy", default="full", metavar="POLICY",
                         help=f"what a request's KV cache keeps: {', '.join(KV_POLICIES)} (full keeps every token; "
                              "the others keep at most --kv-budget tokens) (default: full)")
     parser.add_argument("--kv-budget", metavar="TOKENS|FRACTION",
                         help="KV tokens a request keeps under --kv-policy: a number of tokens (512) or a fraction "
-                             "of the sequence, prompt + max tokens (0.2 or 20%%)")
+                             f"of the sequence, {sequence} (0.2 or 20%%)")
 
 
 def parse_kv_budget(text: str | None) -> int | float | None:

@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kld", action="store_true",
                    help="also compare each position against an unquantized cache: mean KLD, top-1 agreement")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    add_kv_policy_options(p)
+    add_kv_policy_options(p, sequence="the --ctx window")
     p.add_argument("--kv-step", type=int_between(1, 1 << 20), default=16, metavar="TOKENS",
                    help="with --kv-policy: tokens computed per step; the policy evicts before each (default: 16)")
     add_threads_option(p)
