@@ -22,31 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 
 import torch
 
+from bench_kv_quant import novel_text  # Persuasion, as issue 7 scored it
 from common import cpu_description
 from kvcache import SamplingParams
 
 POLICIES = ["streaming", "h2o", "snapkv"]
-TEXT_CACHE = os.path.join(os.environ.get("KVCACHE_CACHE_DIR", os.path.expanduser("~/.cache/kvcache")),
-                          "persuasion.txt")
-
-
-def novel_text() -> str:
-    """Persuasion by Jane Austen, exported once from the Debian package r-cran-janeaustenr."""
-    if not os.path.exists(TEXT_CACHE):
-        os.makedirs(os.path.dirname(TEXT_CACHE), exist_ok=True)
-        try:
-            subprocess.run(["Rscript", "-e", f"writeLines(janeaustenr::persuasion, '{TEXT_CACHE}')"], check=True)
-        except (OSError, subprocess.CalledProcessError):
-            sys.exit("The text comes from Debian's r-cran-janeaustenr: apt-get install r-cran-janeaustenr")
-    with open(TEXT_CACHE, encoding="utf-8") as f:
-        return f.read()
 
 
 def accuracy(args: argparse.Namespace) -> None:
