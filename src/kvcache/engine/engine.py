@@ -13,6 +13,7 @@ import torch
 from kvcache import kernels
 from kvcache.cache.block_pool import BlockPool
 from kvcache.cache.kv_manager import NULL_BLOCK, KVCacheManager
+from kvcache.cache.policies import KVPolicy, PolicyState
 from kvcache.cache.spec import group_layers, layer_specs, num_blocks_for_budget, resolve_kv_cache_dtype
 from kvcache.cache.storage import KVCache
 from kvcache.config import (CacheConfig, SamplingParams, SchedulerConfig, SpeculativeConfig, is_text,
@@ -145,9 +146,11 @@ class LLMEngine:
                  loaded: LoadedModel | None = None, kv_cache_dtype: str = "auto",
                  speculative: str | SpeculativeConfig | None = None, num_speculative_tokens: int | None = None,
                  draft_model: str | None = None, adaptive_speculation: bool = True,
-                 weights_dtype: str = "auto") -> None:
+                 weights_dtype: str = "auto", kv_policy: str = "full",
+                 kv_budget: int | float | None = None) -> None:
         if isinstance(kv_cache_memory, str):
             kv_cache_memory = parse_bytes(kv_cache_memory)
+        self.kv_policy = KVPolicy(kv_policy, kv_budget)  # the default of requests that name none
         self.device = torch.device(device) if device else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.weights_dtype = parse_weights_dtype(weights_dtype)
@@ -187,6 +190,8 @@ class LLMEngine:
         self._kept: dict[str, Request] = {}  # finished keep_kv requests still holding their blocks
         self._generators: dict[str, torch.Generator] = {}
         self._ids = itertools.count()
+        if self.kv_policy.evicts:
+            self._check_policy(self.kv_policy)
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -229,6 +234,7 @@ class LLMEngine:
             raise ValueError("keep_kv keeps one sequence's KV; it needs n = 1.")
         first = Request(f"{request_id}#0", ids, params, prompt if isinstance(prompt, str) else None,
                         eos_token_ids=self.tokenizer.eos_token_ids)
+        first.kv_state = self._policy_state(params, min(first.max_total_tokens, self.max_model_len))
         self.scheduler.check_fits(first, params.n)
         generator = make_generator(params.sample_seed(0), self.device)
         kept = self._kept.pop(continue_from, None) if continue_from is not None else None
@@ -240,6 +246,30 @@ class LLMEngine:
                                           [IncrementalDetokenizer(self.tokenizer)], keep_kv=keep_kv)
         self._register(first, generator)
         return request_id
+
+    def _policy_state(self, params: SamplingParams, length: int) -> PolicyState | None:
+        """The eviction state of a request of at most ``length`` tokens, or None when it keeps every
+        token: policy full, a budget that holds the whole sequence (then it runs exactly as full), or
+        no full-attention group to govern (sliding windows bound the cache already)."""
+        policy = self.kv_policy.with_name(params.kv_policy, params.kv_budget)
+        if params.kv_budget is not None and not policy.evicts:
+            raise ValueError("kv_budget needs a kv_policy that evicts: streaming, h2o or snapkv.")
+        budget = policy.tokens_for(length)
+        governed = tuple(g for g, window in enumerate(self.kv.windows) if window is None)
+        if budget is None or not governed:
+            return None
+        self._check_policy(policy)
+        return PolicyState(policy, budget, governed)
+
+    def _check_policy(self, policy: KVPolicy) -> None:
+        """ValueError when this engine cannot run ``policy``: its cache format or model lacks what it needs."""
+        if not self.storage.moves_slots:
+            raise ValueError(f"kv_policy {policy.name} moves single tokens between cache slots, which the "
+                             f"{self.kv_cache_dtype} cache cannot (its key scales cover whole blocks); use "
+                             "--kv-cache-dtype float32, bfloat16, float16 or int8.")
+        if policy.needs_scores and self.model_config.mla is not None:
+            raise ValueError(f"kv_policy {policy.name} ranks tokens by attention weights, which this model's "
+                             "latent (MLA) attention does not report; use kv_policy streaming.")
 
     def _adopt(self, kept: Request, request: Request) -> bool:
         """Give ``request`` the kept KV of the tokens its prompt shares with ``kept`` (at least one
@@ -344,6 +374,8 @@ class LLMEngine:
             return []
         output = self.runner.execute(plan)
         due = self.scheduler.step_done()
+        if output.attention_scores:
+            self._observe(plan, output.attention_scores)
         rows = output.rows()
         touched: dict[str, _Group] = {}
         to_draft: list[Request] = []
@@ -368,6 +400,14 @@ class LLMEngine:
         outputs = (self._output(g) for g in touched.values())
         return [out for out in outputs if out is not None]
 
+    def _observe(self, plan: SchedulerOutput, scores: dict[str, tuple]) -> None:
+        """Hand each request's attention weights to its eviction policy (after step_done, so they
+        cover every token it holds)."""
+        for s in plan.sequences:
+            request = self._requests.get(s.request_id)
+            if s.request_id in scores and request is not None:
+                self.kv.observe(request, scores[s.request_id], s.score_rows)
+
     def _fork_if_first(self, group: _Group, request: Request) -> list[Request]:
         """Sample 0's first token: fork the other n-1 samples off its prompt blocks, by reference."""
         if group.params.n == 1 or len(group.samples) > 1 or request.output_token_ids:
@@ -389,7 +429,7 @@ class LLMEngine:
     def _propose(self, requests: list[Request]) -> None:
         """Draft the next step's tokens for every request that goes on, in one call to the drafter
         (a draft model batches them)."""
-        requests = [r for r in requests if not r.is_finished]
+        requests = [r for r in requests if not r.is_finished and r.kv_state is None]  # no drafts while evicting
         if self.spec_gate is not None:
             pays = self.spec_gate.drafting([r.request_id for r in requests], len(self.scheduler.running))
             requests = [r for r, draft in zip(requests, pays) if draft]
@@ -533,7 +573,7 @@ class LLMEngine:
         for index, request in enumerate(self.scheduler.running):
             group, sample = request.request_id.rsplit("#", 1)
             requests.append({"id": group, "sample": int(sample), "tokens": request.num_computed_tokens,
-                             "blocks": self.kv.num_blocks_held(request)})
+                             "blocks": self.kv.num_blocks_held(request), "evicted": self._evicted(request)})
             for block_id in (b for table in request.block_tables for b in table if b != NULL_BLOCK):
                 if owners[block_id] < 0:
                     owners[block_id] = index
@@ -566,6 +606,12 @@ class LLMEngine:
             "prefix_cache_queries": self.kv.prefix_cache_queries,
             "prefix_cache_hits": self.kv.prefix_cache_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            "kv_policy": self.kv_policy.name,
+            "kv_budget": self.kv_policy.budget,
+            "num_requests_evicting": sum(1 for r in running if r.kv_state is not None),
+            "num_tokens_evicted": self.kv.num_tokens_evicted,  # since the start, every group together
+            "num_blocks_evicted": self.kv.num_blocks_evicted,  # blocks given back by evictions
+            "kv_tokens_evicted_now": sum(self._evicted(r) for r in running),
             "fragmentation": (allocated_slots - filled) / allocated_slots if allocated_slots else 0.0,
             **self.spec.stats(),
             **(self.spec_gate.stats() if self.spec_gate is not None else {}),
@@ -576,9 +622,16 @@ class LLMEngine:
     def _slots_filled(self, request: Request) -> int:
         """Token slots of the request's real blocks that hold computed KV, every group together."""
         bs = self.cache_config.block_size
-        return sum(min(request.num_computed_tokens, (i + 1) * bs) - i * bs
-                   for table in request.block_tables for i, b in enumerate(table)
-                   if b != NULL_BLOCK and i * bs < request.num_computed_tokens)
+        total = 0
+        for g, table in enumerate(request.block_tables):
+            stored = request.num_computed_tokens - self.kv.num_evicted(request, g)
+            total += sum(min(stored, (i + 1) * bs) - i * bs for i, b in enumerate(table)
+                         if b != NULL_BLOCK and i * bs < stored)
+        return total
+
+    def _evicted(self, request: Request) -> int:
+        """Tokens the request's policy has dropped and not recomputed, every group together."""
+        return sum(self.kv.num_evicted(request, g) for g in range(self.kv.num_groups))
 
     def _group_stats(self) -> list[dict[str, Any]]:
         """Per cache group: its layers, window, the blocks its tables hold now and their bytes.

@@ -8,8 +8,10 @@ hidden states back.
 
 It applies when the step has at most ``MAX_TOKENS`` tokens (decodes, a verification of drafts, a
 short prompt; more rows go to PyTorch's GEMM), the model computes in float32 on the CPU with the
-paged attention, the kernels are built, and every layer's cache keeps plain float32 or bfloat16
-keys and values. Anything else takes the PyTorch path, which computes the same function (the tests
+paged attention, the kernels are built, every layer's cache keeps plain float32 or bfloat16 keys
+and values, and no eviction policy (h2o, snapkv) asked for the step's attention weights; the live
+slots of a policy that evicted are read like any others (each token sees its table's first
+seq_len slots, compacted). Anything else takes the PyTorch path, which computes the same function (the tests
 hold the two together).
 """
 
@@ -97,6 +99,7 @@ class FusedDecode:
 
 
 def applies(model, h: torch.Tensor, metas: Sequence[AttentionMetadata]) -> bool:
-    """Whether this step can run fused: few tokens, float32 on the CPU, paged attention."""
+    """Whether this step can run fused: few tokens, float32 on the CPU, paged attention, and no
+    eviction policy waiting for the step's attention weights (the kernel does not hand them out)."""
     return (model.attention_fn is paged_attention and h.dtype == torch.float32 and h.device.type == "cpu"
-            and 0 < h.shape[0] <= MAX_TOKENS)
+            and 0 < h.shape[0] <= MAX_TOKENS and all(m.scores is None for m in metas))
