@@ -171,6 +171,7 @@ class Scheduler:
             num_spec_tokens=num_spec,
             kv_offsets=self.kv.kv_offsets(request) if request.kv_state is not None else (),
             score_rows=self.kv.score_rows(request, num_new) if request.kv_state is not None else (),
+            prompt=start < request.num_prompt_tokens or num_new - num_spec > 1,
         )
 
     def _preempt(self, request: Request, swap_out: list) -> None:

@@ -63,6 +63,15 @@ class AttentionMetadata:
     decode_masks: list[torch.Tensor | None] = field(default_factory=list)  # per group: [1, n, 1, S] bool
     prefill_masks: list[torch.Tensor | None] = field(default_factory=list)  # [q_len, seq_len] bool or None
     scores: AttentionScores | None = None  # weights an eviction policy asked for (None: nobody asked)
+    # tokens of prompt chunks in the step (not decodes or verifications of drafts): while there are
+    # any, every weight matmul of the step goes through PyTorch's GEMM, so a prompt's KV is computed
+    # the same way however it is split (a prefix hit's short tail as a long prefill)
+    prefill_tokens: int = 0
+
+    @property
+    def decode_rows(self) -> bool:
+        """Whether every row of the step decodes (one token, or one plus its drafts): our kernels may take them."""
+        return self.prefill_tokens == 0
 
     @property
     def query_starts(self) -> list[int]:

@@ -6,13 +6,13 @@ of layers to one C function instead: per step Python computes the embeddings and
 passes the plan's slot mappings, block tables and each token's visible keys, and gets the last
 hidden states back.
 
-It applies when the step has at most ``MAX_TOKENS`` tokens (decodes, a verification of drafts, a
-short prompt; more rows go to PyTorch's GEMM), the model computes in float32 on the CPU with the
-paged attention, the kernels are built, every layer's cache keeps plain float32 or bfloat16 keys
-and values, and no eviction policy (h2o, snapkv) asked for the step's attention weights; the live
-slots of a policy that evicted are read like any others (each token sees its table's first
-seq_len slots, compacted). Anything else takes the PyTorch path, which computes the same function (the tests
-hold the two together).
+It applies when the step has at most ``MAX_TOKENS`` tokens, all decoding or verifying drafts (a
+prompt's rows go to PyTorch's GEMM, so its KV is the same however it is split), the model computes
+in float32 on the CPU with the paged attention, the kernels are built, every layer's cache keeps
+plain float32 or bfloat16 keys and values, and no eviction policy (h2o, snapkv) asked for the
+step's attention weights; the live slots of a policy that evicted are read like any others (each
+token sees its table's first seq_len slots, compacted). Anything else takes the PyTorch path, which
+computes the same function (the tests hold the two together).
 """
 
 from __future__ import annotations
@@ -99,7 +99,8 @@ class FusedDecode:
 
 
 def applies(model, h: torch.Tensor, metas: Sequence[AttentionMetadata]) -> bool:
-    """Whether this step can run fused: few tokens, float32 on the CPU, paged attention, and no
-    eviction policy waiting for the step's attention weights (the kernel does not hand them out)."""
+    """Whether this step can run fused: few tokens, all decoding (or verifying drafts; a prompt's rows
+    go through PyTorch, see AttentionMetadata.prefill_tokens), float32 on the CPU, paged attention,
+    and no eviction policy waiting for the step's attention weights (the kernel does not hand them out)."""
     return (model.attention_fn is paged_attention and h.dtype == torch.float32 and h.device.type == "cpu"
-            and 0 < h.shape[0] <= MAX_TOKENS and all(m.scores is None for m in metas))
+            and 0 < h.shape[0] <= MAX_TOKENS and all(m.scores is None and m.decode_rows for m in metas))

@@ -42,8 +42,8 @@ class QKNormAttention(Attention):
         self.q_norm = OffsetRMSNorm(config.head_dim, config.rms_norm_eps)
         self.k_norm = OffsetRMSNorm(config.head_dim, config.rms_norm_eps)
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = super().project(x)  # [T, heads, hd], [T, kv_heads, hd] x 2
+    def project(self, x: torch.Tensor, decode_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = super().project(x, decode_rows)  # [T, heads, hd], [T, kv_heads, hd] x 2
         return self.q_norm(q), self.k_norm(k), v
 
 
@@ -59,7 +59,7 @@ class Gemma3DecoderLayer(nn.Module):
                 meta: AttentionMetadata, attention_fn: AttentionFn) -> torch.Tensor:
         h = h + self.post_attention_layernorm(self.self_attn(self.input_layernorm(h), cos_sin, cache, meta,
                                                              attention_fn))
-        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
+        return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h), meta.decode_rows))
 
 
 class Gemma3ForCausalLM(nn.Module):

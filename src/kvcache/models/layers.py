@@ -16,7 +16,7 @@ from torch import nn
 from kvcache.cache.storage import LayerCache
 from kvcache.config import ModelConfig
 from kvcache.models.attention import AttentionMetadata
-from kvcache.models.packed import PackedEmbedding, PackedLinear, PackedWeight, matmul, uses_kernel
+from kvcache.models.packed import PackedEmbedding, PackedLinear, PackedWeight, matmul, project, uses_kernel
 
 AttentionFn = Callable[..., torch.Tensor]
 CosSin = tuple[torch.Tensor, torch.Tensor]
@@ -94,18 +94,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.output_bias)
         self.scale = scale
 
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, decode_rows: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> q [T, heads, hd], k and v [T, kv_heads, hd]."""
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
+        q, k, v = project(self.qkv_proj, x, decode_rows).split(self.split, dim=-1)
         return (q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim),
                 v.view(-1, self.num_kv_heads, self.head_dim))
 
     def forward(self, x: torch.Tensor, cos_sin: CosSin, cache: LayerCache, meta: AttentionMetadata,
                 attention_fn: AttentionFn) -> torch.Tensor:
-        q, k, v = self.project(x)
+        q, k, v = self.project(x, meta.decode_rows)
         out = attention_fn(apply_rope(q, cos_sin), apply_rope(k, cos_sin), v, cache, meta,
                            self.scale)  # [T, heads, hd]
-        return self.o_proj(out.flatten(1))
+        return project(self.o_proj, out.flatten(1), meta.decode_rows)
 
 
 class GatedMLP(nn.Module):
@@ -121,9 +121,10 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * self.intermediate, bias=False)
         self.down_proj = nn.Linear(self.intermediate, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(self.activation(gate) * up)
+    def forward(self, x: torch.Tensor, decode_rows: bool = True) -> torch.Tensor:
+        """``decode_rows``: whether the rows decode (see :func:`kvcache.models.packed.matmul`)."""
+        gate, up = project(self.gate_up_proj, x, decode_rows).split(self.intermediate, dim=-1)
+        return project(self.down_proj, self.activation(gate) * up, decode_rows)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -73,7 +73,7 @@ class LlamaForCausalLM(nn.Module):
         for layer, cache in zip(self.layers, kv):
             h = h + layer.self_attn(layer.input_layernorm(h), cos_sin, cache, meta[cache.group_id],
                                     self.attention_fn)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + layer.mlp(layer.post_attention_layernorm(h), meta[cache.group_id].decode_rows)
         return self.norm(h)
 
     def _fused_decode(self, kv: Sequence[LayerCache]) -> fused_decode.FusedDecode | None:

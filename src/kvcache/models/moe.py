@@ -91,8 +91,8 @@ class MoE(nn.Module):
         self.shared_experts = GatedMLP(config, F.silu, moe.intermediate_size * moe.num_shared_experts) \
             if moe.num_shared_experts else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, hidden] -> [T, hidden]."""
+    def forward(self, x: torch.Tensor, decode_rows: bool = True) -> torch.Tensor:
+        """x [T, hidden] -> [T, hidden] (``decode_rows``: as GatedMLP's; experts are plain tensors)."""
         weights, ids = self.gate(x)
         out = self.experts(x, weights, ids)
-        return out if self.shared_experts is None else out + self.shared_experts(x)
+        return out if self.shared_experts is None else out + self.shared_experts(x, decode_rows)

@@ -137,9 +137,11 @@ def uses_kernel(x: torch.Tensor, weight_dtype: torch.dtype | str) -> bool:
     return x.device.type == "cpu" and x.shape[0] <= KERNEL_MAX_ROWS[fmt] and kernels.library() is not None
 
 
-def matmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (any float dtype) @ weight^T + bias -> float32 [M, N]."""
-    if uses_kernel(x, weight.fmt):
+def matmul(x: torch.Tensor, weight: PackedWeight, bias: torch.Tensor | None = None,
+           decode_rows: bool = True) -> torch.Tensor:
+    """x [M, K] (any float dtype) @ weight^T + bias -> float32 [M, N]. ``decode_rows`` False (rows of
+    a prompt) keeps them off the kernel: a prompt's rows are multiplied the same way however many."""
+    if decode_rows and uses_kernel(x, weight.fmt):
         return _kernel_matmul(kernels.library(), x, weight, bias)
     if weight.fmt == "bfloat16" and x.dtype == torch.bfloat16 and (x.device.type != "cpu" or kernels.native_bf16()):
         y = torch.nn.functional.linear(x, weight.data).float()  # the hardware's own bf16 GEMM
@@ -218,9 +220,10 @@ class PackedLinear(_KeepsFormat):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, decode_rows: bool = True) -> torch.Tensor:
+        """x [..., K] -> [..., N]; ``decode_rows`` as in :func:`matmul`."""
         flat = x.reshape(-1, self.in_features)  # [M, K]
-        y = matmul(flat, self.packed, self.bias)  # [M, N] float32
+        y = matmul(flat, self.packed, self.bias, decode_rows)  # [M, N] float32
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -253,6 +256,11 @@ def weight_formats(model: nn.Module) -> str:
         name = str(p.dtype).removeprefix("torch.")
         held[name] = held.get(name, 0) + p.numel() * p.element_size()
     return " + ".join(sorted(held, key=held.get, reverse=True))
+
+
+def project(linear: nn.Module, x: torch.Tensor, decode_rows: bool) -> torch.Tensor:
+    """``linear(x)``, telling a :class:`PackedLinear` whether the rows decode (an ``nn.Linear`` takes x alone)."""
+    return linear(x, decode_rows) if isinstance(linear, PackedLinear) else linear(x)
 
 
 def held_bytes(model: nn.Module) -> int:

@@ -20,6 +20,8 @@ class ScheduledSequence:
     # at position p has slot index p - offset (empty: all 0, nothing evicted)
     score_rows: tuple[int, ...] = ()  # per cache group: the last query rows whose attention weights
     # the eviction policy wants back (empty: none)
+    prompt: bool = False  # the tokens are a prompt's (or a recomputation's), not generated ones being
+    # decoded or verified: their rows then go through PyTorch's GEMM (AttentionMetadata.prefill_tokens)
 
     def kv_offset(self, group: int) -> int:
         return self.kv_offsets[group] if self.kv_offsets else 0

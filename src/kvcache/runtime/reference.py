@@ -30,7 +30,7 @@ def logits_without_cache(model: LlamaForCausalLM, token_ids: list[int], block_si
     storage = KVCache(groups, per_group * len(groups), block_size, param.device)
     runner = ModelRunner(model, storage)
     tables = tuple(tuple(range(g * per_group, (g + 1) * per_group)) for g in range(len(groups)))
-    seq = ScheduledSequence("recompute", tuple(token_ids), 0, tables, True)
+    seq = ScheduledSequence("recompute", tuple(token_ids), 0, tables, True, prompt=True)
     tokens, positions, meta = runner.prepare((seq,))
     hidden = model(tokens, positions, meta, storage.layers)
     return model.compute_logits(hidden[first_row:])  # [len(token_ids) - first_row, vocab]

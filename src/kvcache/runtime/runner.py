@@ -114,7 +114,8 @@ class ModelRunner:
             seq_lens=[s.seq_len - off - skip * bs for s, off, skip in zip(seqs, offsets, skips)],
             block_tables=torch.tensor(rows, dtype=torch.long, device=self.device),  # [num_seqs, width]
             block_size=bs, num_decodes=num_decodes, sliding_window=window,
-            scores=AttentionScores(wanted) if wanted else None)
+            scores=AttentionScores(wanted) if wanted else None,
+            prefill_tokens=sum(len(s.token_ids) for s in seqs if s.prompt))
 
 
 def blocks_out_of_window(s: ScheduledSequence, window: int | None, block_size: int) -> int:

@@ -176,7 +176,7 @@ def policy_step_logits(model: LlamaForCausalLM, window: list[int], kv_format: st
             raise RuntimeError("The scoring pool is too small for the policy's budget; this is a bug.")
         seq = ScheduledSequence(text.request_id, tuple(window[start:start + count]), start,
                                 tuple(tuple(t) for t in text.block_tables), True,
-                                kv_offsets=kv.kv_offsets(text), score_rows=kv.score_rows(text, count))
+                                kv_offsets=kv.kv_offsets(text), score_rows=kv.score_rows(text, count), prompt=True)
         storage.move_slots(kv.take_pending_moves())
         storage.copy_blocks(kv.take_pending_copies())
         tokens, positions, metas = runner.prepare((seq,))
