@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 DOC = " ".join(f"Note {i}: the lighthouse keeper logged {i * 7 % 13} ships and {i * 5 % 11} storms." for i in range(24))
 QUESTIONS = [" Question: how many ships in note 3? Answer:", " Question: what did the keeper log? Answer:"]
 FILLER_TEXT = " ".join(f"Unrelated line {i} about gardening, soil and seeds." for i in range(200))
-GREEDY = SamplingParams(max_tokens=16, temperature=0.0)
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def redis_server():
 
 def generate(engine, prompt, salt=None):
     """(output token ids, prompt tokens served from a cache) of one greedy request run alone."""
-    params = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0.0, cache_salt=salt)
+    params = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0.0, cache_salt=salt, ignore_eos=True)
     rid = engine.add_request(None, prompt, params)
     while engine.has_unfinished_requests():
         for out in engine.step():

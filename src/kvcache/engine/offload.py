@@ -8,8 +8,8 @@ fill, hits counted when a step copies them in, and which pool blocks came from w
 
 from __future__ import annotations
 
-import atexit
 import hashlib
+import weakref
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -66,7 +66,8 @@ class EngineOffload:
         pool.record_fills = self.store.wants_filled
         kv.tiers = self.store
         self.origins: dict[int, tuple[str, int, bytes]] = {}  # pool block -> (tier, group, chain hash) it came as
-        atexit.register(self.close)  # pending stores are written when the process exits normally
+        # pending stores are written on close(), when this object is collected, or at normal exit
+        self._finalizer = weakref.finalize(self, self.store.close)
 
     def save_evicted(self, blocks: Sequence[tuple[int, bytes]], bodies: Sequence[memoryview]) -> None:
         """The runner's hook for blocks a step hands out again: their KV goes down to host memory."""
@@ -111,5 +112,4 @@ class EngineOffload:
 
     def close(self) -> None:
         """Write pending stores, stop the writer threads, release host memory and connections."""
-        atexit.unregister(self.close)
-        self.store.close()
+        self._finalizer()
