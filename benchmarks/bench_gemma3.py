@@ -43,7 +43,7 @@ def hf_gemma3(loaded: LoadedModel):
                          "sliding_attention": {"rope_type": "default", "rope_theta": c.rope_local_theta}})
     cfg._attn_implementation = "sdpa"
     model = transformers.Gemma3ForCausalLM(cfg)
-    model.load_state_dict(loaded.weights, strict=False)
+    model.load_state_dict(loaded.float_weights(), strict=False)
     model.tie_weights()
     return model.eval()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from typing import Callable
@@ -36,7 +35,7 @@ def hf_model(loaded: LoadedModel, dtype: torch.dtype):
                                    tie_word_embeddings=c.tie_word_embeddings, bos_token_id=1, eos_token_id=2,
                                    pad_token_id=2)
     model = transformers.LlamaForCausalLM(cfg)
-    model.load_state_dict(loaded.weights, strict=False)
+    model.load_state_dict(loaded.float_weights(), strict=False)
     model.tie_weights()
     return model.to(dtype).eval()
 
@@ -63,17 +62,5 @@ def median(values):
 
 def cpu_description() -> str:
     """The CPU model and the vector/matrix features that decide CPU speed (for result headers)."""
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    model = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    except OSError:
-        pass
-    wanted = ["avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"]
-    have = [f for f in wanted if f in flags]
-    return f"{model}, {os.cpu_count()} cores; features: {' '.join(have) or 'none of ' + ' '.join(wanted)}"
+    from kvcache.kernels import cpu_description as describe
+    return describe()

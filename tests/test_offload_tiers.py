@@ -4,6 +4,7 @@ and LRU, the write queues, the prefix lookup through the tiers, and a real redis
 import logging
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -179,6 +180,28 @@ def test_fetch_asks_tiers_in_order_and_stops_at_the_first_missing_block(tmp_path
     store.record_loads(found)
     stats = store.stats()
     assert stats["host"]["hits"] == 1 and stats["disk"]["hits"] == 1 and stats["disk"]["hit_bytes"] == BODY
+    store.close()
+
+
+def test_a_slow_tier_is_asked_no_longer_than_recomputing_would_take(tmp_path):
+    """64 blocks on a disk that takes 0.2 s per read: recomputing their 1,024 tokens would take 0.1 s
+    at 0.1 ms a token, so the lookup stops after its first batch of 16 and the rest is recomputed."""
+    class SlowDisk(DiskTier):
+        def get_many(self, keys):
+            time.sleep(0.2)
+            return super().get_many(keys)
+
+    disk = SlowDisk(tmp_path, 1 << 30)
+    store = _store([disk])
+    blocks = [(0, i.to_bytes(16, "little")) for i in range(64)]
+    for g, h in blocks:
+        disk.put(store.key(g, h), payload(store.key(g, h)))
+    store.seconds_per_token = 1e-4
+    start = time.perf_counter()
+    assert len(store.fetch(blocks, num_tokens=64 * 16)) == 16
+    assert time.perf_counter() - start < 0.4
+    store.seconds_per_token = 1.0  # a slow model: waiting for the disk pays
+    assert len(store.fetch(blocks, num_tokens=64 * 16)) == 64
     store.close()
 
 

@@ -41,7 +41,7 @@ def _truncated(smollm, num_layers, vocab_size=None):
     """SmolLM2 with only its first ``num_layers`` layers (and, if given, the first ``vocab_size``
     rows of its embedding), as HF names and a config to match."""
     config = replace(smollm.config, num_layers=num_layers, vocab_size=vocab_size or smollm.config.vocab_size)
-    weights = {name: tensor for name, tensor in smollm.weights.items()
+    weights = {name: tensor for name, tensor in smollm.float_weights().items()
                if not name.startswith("model.layers.") or int(name.split(".")[2]) < num_layers}
     if vocab_size is not None:
         weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"][:vocab_size]

@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from kvcache.cli.threads import allowed_cpus, busy_cores, default_threads
 from kvcache.models.loader import default_model_path, load_model
@@ -37,11 +38,22 @@ def test_generate_sizes_its_pool_to_the_request_and_takes_threads():
 
 
 @pytest.mark.slow
-def test_model_takes_the_loaded_weights_without_a_copy(smollm_engine_factory, smollm):
+def test_model_keeps_the_gguf_blocks_as_they_are(smollm_engine_factory, smollm):
+    """The embedded GGUF's Q4_1 projections and Q8_0 embedding are held as the file stores them
+    (Q/K/V fused), not widened to float32: a fifth of the bytes."""
+    from gguf import GGUFReader
+
     engine = smollm_engine_factory(num_blocks=4)
-    qkv = engine.model.layers[0].self_attn.qkv_proj.weight
+    qkv = engine.model.layers[0].self_attn.qkv_proj
     q = smollm.weights["model.layers.0.self_attn.q_proj.weight"]
-    assert qkv.data_ptr() == q.data_ptr() and qkv.shape[0] > q.shape[0]
+    assert qkv.fmt == q.fmt == "q4_1" and torch.equal(qkv.data[:q.data.shape[0]], q.data)
+    reader = GGUFReader(str(default_model_path()))
+    v_blocks = next(t for t in reader.tensors if t.name == "blk.0.attn_v.weight").data  # [rows, 18 blocks x 20 B]
+    rows = v_blocks.shape[0]
+    nibbles = torch.from_numpy(v_blocks.reshape(rows, -1, 20)[..., 4:].reshape(rows, -1).copy())
+    assert torch.equal(qkv.data[-rows:], nibbles)  # V's rows (not rope-permuted) are the file's bytes
+    assert engine.model.embed_tokens.fmt == "q8_0"
+    assert engine.stats()["weight_bytes"] < 100e6 < sum(p.numel() * 4 for p in smollm.float_weights().values())
 
 
 @pytest.mark.slow

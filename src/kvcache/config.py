@@ -508,12 +508,26 @@ def speculative_config(method: str | SpeculativeConfig | None, num_tokens: int |
 
 
 def parse_model_dtype(dtype: str) -> str:
-    """Return the canonical model dtype name, or raise a clear ValueError."""
+    """Return the canonical model dtype name ("auto" stays "auto": the engine picks for its CPU), or
+    raise a clear ValueError."""
     aliases = {"float32": "float32", "fp32": "float32", "f32": "float32",
-               "bfloat16": "bfloat16", "bf16": "bfloat16"}
+               "bfloat16": "bfloat16", "bf16": "bfloat16", "auto": "auto"}
     _require(isinstance(dtype, str) and dtype.lower() in aliases,
-             f"Unknown dtype {dtype!r}; use float32 or bfloat16.")
+             f"Unknown dtype {dtype!r}; use auto, float32 or bfloat16.")
     return aliases[dtype.lower()]
+
+
+WEIGHTS_DTYPES = ("auto", "float32", "bfloat16", "int8", "int4")
+
+
+def parse_weights_dtype(weights_dtype: str) -> str:
+    """The canonical weights dtype name (see kvcache.models.packed.weight_format), or a ValueError
+    that lists the choices."""
+    aliases = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "int8": "int8", "q8_0": "int8", "int4": "int4", "q4_1": "int4"}
+    _require(isinstance(weights_dtype, str) and weights_dtype.lower() in aliases,
+             f"Unknown weights dtype {weights_dtype!r}; use one of {', '.join(WEIGHTS_DTYPES)}.")
+    return aliases[weights_dtype.lower()]
 
 
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_seed accepts

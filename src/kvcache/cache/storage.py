@@ -73,6 +73,14 @@ class LayerCache:
         """
         return self.group.weighted_values(self.local_index, weights, block_ids)
 
+    def plain_tensors(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This layer's keys and values as stored, each [kv_heads, num_blocks, block_size, head_dim],
+        for a fused kernel that reads them in place; None unless the group keeps plain fp32/bf16
+        keys and values (quantized and latent groups have their own layouts)."""
+        if type(self.group) is not PlainGroup or self.group.group.spec.kv_format not in ("fp32", "bf16"):
+            return None
+        return self.group.regions["k"][self.local_index], self.group.regions["v"][self.local_index]
+
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole layer decoded to float32, [kv_heads, num_blocks, block_size, hd] each (for the reference)."""
         every = torch.arange(self.group.num_blocks, device=self.group.device)

@@ -98,8 +98,9 @@ def sized_to_request(kwargs: dict[str, Any], num_tokens: int, config: ModelConfi
     own; Gemma-3-270M has six) instead of the default 1 GiB."""
     if kwargs["num_blocks"] is None and kwargs["kv_cache_memory"] is None:
         from kvcache.cache.spec import group_layers, layer_specs, resolve_kv_cache_dtype
+        from kvcache.engine.engine import resolve_dtype
         from kvcache.sizing import kv_dtype
-        fmt = resolve_kv_cache_dtype(kwargs["kv_cache_dtype"], kwargs["dtype"])
+        fmt = resolve_kv_cache_dtype(kwargs["kv_cache_dtype"], resolve_dtype(kwargs["dtype"]))
         block_size = kwargs["block_size"] or kv_dtype(fmt).default_block_size
         groups = len(group_layers(layer_specs(config, fmt)))
         kwargs = dict(kwargs, num_blocks=groups * -(-num_tokens // block_size))
@@ -159,6 +160,7 @@ def figures(engine: LLMEngine, out: RequestOutput) -> dict[str, Any]:
         "kv_cache_bytes_formula": engine.kv_bytes_for_tokens(kv_tokens),
         "kv_blocks": m["peak_kv_blocks"], "kv_bytes_allocated": m["peak_kv_bytes"],
         "block_size": engine.cache_config.block_size, "kv_pool_blocks": engine.pool.num_blocks, "dtype": engine.dtype,
+        "weights": engine.weight_formats, "weight_bytes": engine.weight_bytes,
         "kv_cache_dtype": engine.kv_cache_dtype, "threads": torch.get_num_threads(),
     }
 
@@ -188,6 +190,7 @@ def describe(engine: LLMEngine, f: dict[str, Any]) -> str:
         f"({f['prefill_tokens_per_second']:.1f} tok/s), then the first new token",
         f"decode   {plural(decoded, 'more token')} in {f['decode_seconds']:.3f} s{rate}; "
         f"{f['dtype']}, KV cache {f['kv_cache_dtype']}, {plural(f['threads'], 'thread')}",
+        f"weights  {f['weight_bytes']:,} B held ({f['weights']})",
         f"KV held  {f['kv_cache_bytes']:,} B for {plural(f['kv_tokens'], 'token')} "
         f"({engine.storage.bytes_per_token:,} B/token, read off the cache tensors); "
         f"{plural(f['kv_blocks'], 'block')} of {f['block_size']} allocated = {f['kv_bytes_allocated']:,} B",

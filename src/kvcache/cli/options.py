@@ -7,7 +7,7 @@ from typing import Any
 
 from kvcache.cache.offload_config import SPEC_HELP, parse_kv_offload
 from kvcache.cli.errors import check_text
-from kvcache.config import SamplingParams, SchedulerConfig, speculative_config
+from kvcache.config import SamplingParams, SchedulerConfig, parse_weights_dtype, speculative_config
 from kvcache.sizing import DTYPE_ALIASES, parse_bytes
 
 MODEL_FORMATS = {"fp32": "float32", "bf16": "bfloat16"}
@@ -29,14 +29,17 @@ def int_between(low: int, high: int):
 
 
 def model_dtype(name: str) -> str:
-    """The torch dtype name the model runs in, from any spelling ``kvcache size`` also accepts."""
+    """The torch dtype name the model runs in ("auto": the engine picks for this CPU), from any
+    spelling ``kvcache size`` also accepts."""
+    if name.lower() == "auto":
+        return "auto"
     short = DTYPE_ALIASES.get(name.lower(), name.lower())
     if short == "fp16":
         raise ValueError(f"--dtype {name}: the model runs in fp32 (float32) or bf16 (bfloat16) here; float16 "
                          "matrix products on a CPU are slow and lose accuracy (fp16 stays a planning format "
                          "for `kvcache size`).")
     if short not in MODEL_FORMATS:
-        raise ValueError(f"Unknown dtype {name!r}; the model runs in fp32 (float32) or bf16 (bfloat16).")
+        raise ValueError(f"Unknown dtype {name!r}; the model runs in auto, fp32 (float32) or bf16 (bfloat16).")
     return MODEL_FORMATS[short]
 
 
@@ -50,9 +53,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH",
                         help="a GGUF file, a Hugging Face model folder, or gemma3 (the packaged Gemma-3-270M) "
                              "(default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default="float32",
-                        help="the weights' and activations' format: fp32 (float32) or bf16 (bfloat16) "
-                             "(default: float32)")
+    parser.add_argument("--dtype", default="auto",
+                        help="the activations' format: auto (bf16 where the CPU multiplies it natively, else "
+                             "fp32), fp32 (float32) or bf16 (bfloat16) (default: auto)")
+    parser.add_argument("--weights-dtype", default="auto", metavar="FORMAT",
+                        help="the format the weights are kept in: auto (the file's own: a GGUF's Q8_0, Q4_0 and "
+                             "Q4_1 tensors as they are, others in the model's dtype), float32, bfloat16, int8 "
+                             "(Q8_0-like) or int4 (Q4_1-like; embeddings and head in int8) (default: auto)")
     parser.add_argument("--max-model-len", type=int_between(2, BIG), metavar="TOKENS",
                         help="the longest sequence (prompt + output) to allow (default: the model's context)")
     parser.add_argument("--block-size", type=int_between(1, 1024),
@@ -109,6 +116,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """LLMEngine keyword arguments from the model options, validated (ValueError on bad values)."""
     return {
         "model": args.model, "dtype": model_dtype(args.dtype), "block_size": args.block_size,
+        "weights_dtype": parse_weights_dtype(args.weights_dtype),
         "num_blocks": args.num_blocks, "kv_cache_dtype": args.kv_cache_dtype,
         "kv_cache_memory": parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
         "enable_prefix_caching": not args.no_prefix_caching,

@@ -25,7 +25,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", metavar="FILE", help="a UTF-8 text file")
     p.add_argument("--model", metavar="PATH",
                    help="a GGUF file or a Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", help="the model's dtype: float32 or bfloat16 (default: float32)")
+    p.add_argument("--dtype", default="float32",
+                   help="the model's dtype: auto, float32 or bfloat16 (default: float32)")
+    p.add_argument("--weights-dtype", default="auto", metavar="FORMAT",
+                   help="the weights' format: auto (the file's own), float32, bfloat16, int8 or int4 (default: auto)")
     p.add_argument("--ctx", type=int, default=1024, help="tokens per window (default: 1024)")
     p.add_argument("--max-tokens", type=int, metavar="N", help="score at most N tokens (default: the whole text)")
     p.add_argument("--kv-cache-dtype", default="auto", metavar="FORMAT",
@@ -66,10 +69,11 @@ def _progress_bar(stream=sys.stderr):
 
 def run(args: argparse.Namespace) -> int:
     from kvcache.cache.spec import MODEL_DTYPE_FORMATS, resolve_kv_cache_dtype
-    from kvcache.config import parse_model_dtype
+    from kvcache.config import parse_model_dtype, parse_weights_dtype
 
-    dtype = parse_model_dtype(args.dtype)
-    kv_format = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
+    parse_model_dtype(args.dtype)
+    weights_dtype = parse_weights_dtype(args.weights_dtype)
+    resolve_kv_cache_dtype(args.kv_cache_dtype, "float32")  # a bad format fails here, before any loading
     if args.ctx < 2:
         raise ValueError(f"--ctx must be at least 2 tokens, got {args.ctx}.")
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -78,22 +82,25 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from kvcache.engine.engine import build_model, default_device
+    from kvcache.engine.engine import build_model, default_device, resolve_dtype
     from kvcache.models.loader import load_model
     from kvcache.runtime.scoring import score_text
 
+    dtype = resolve_dtype(args.dtype, default_device())
+    kv_format = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
     loaded = load_model(args.model)
     if args.ctx > loaded.config.max_position_embeddings:
         raise ValueError(f"--ctx {args.ctx} is longer than the model's context "
                          f"({loaded.config.max_position_embeddings} tokens).")
-    model = build_model(loaded, dtype, default_device())
+    model = build_model(loaded, dtype, default_device(), weights_dtype)
     ids = loaded.tokenizer.encode(text, add_special_tokens=False)
     start = time.perf_counter()
     with torch.inference_mode():
         score = score_text(model, ids, args.ctx, kv_format, MODEL_DTYPE_FORMATS[dtype] if args.kld else None,
                            args.max_tokens, _progress_bar())
     result: dict[str, Any] = {"ppl": score.ppl, "tokens": score.tokens, "kv_cache_dtype": kv_format,
-                              "ctx": args.ctx, "dtype": dtype, "text_tokens": len(ids),
+                              "ctx": args.ctx, "dtype": dtype, "weights_dtype": weights_dtype,
+                              "weight_bytes": model.weight_bytes(), "text_tokens": len(ids),
                               "seconds": time.perf_counter() - start}
     if args.kld:
         result |= {"kld": score.mean_kld, "top1_agreement": score.top1_agreement,
@@ -104,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _describe(r: dict[str, Any]) -> str:
     lines = [f"perplexity {r['ppl']:.4f} over {r['tokens']:,} tokens (windows of {r['ctx']}, "
-             f"KV cache {r['kv_cache_dtype']}, model {r['dtype']}, {r['seconds']:.1f} s)"]
+             f"KV cache {r['kv_cache_dtype']}, model {r['dtype']}, weights {r['weights_dtype']} "
+             f"({r['weight_bytes']:,} B), {r['seconds']:.1f} s)"]
     if "kld" in r:
         lines.append(f"KLD        {r['kld']:.6f} nats/token against a {r['kld_reference']} cache; "
                      f"top-1 agreement {100 * r['top1_agreement']:.2f}%")

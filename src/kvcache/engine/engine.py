@@ -10,13 +10,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from kvcache import kernels
 from kvcache.cache.block_pool import BlockPool
 from kvcache.cache.kv_manager import NULL_BLOCK, KVCacheManager
 from kvcache.cache.offload_config import OffloadConfig, parse_kv_offload
 from kvcache.cache.spec import group_layers, layer_specs, num_blocks_for_budget, resolve_kv_cache_dtype
 from kvcache.cache.storage import KVCache
 from kvcache.config import (CacheConfig, SamplingParams, SchedulerConfig, SpeculativeConfig, is_text,
-                            parse_model_dtype, speculative_config)
+                            parse_model_dtype, parse_weights_dtype, speculative_config)
 from kvcache.engine.detokenizer import IncrementalDetokenizer
 from kvcache.engine.draft_model import DraftModelDrafter, load_draft_model
 from kvcache.engine.offload import EngineOffload, kv_fingerprint, weights_identity
@@ -26,6 +27,7 @@ from kvcache.engine.spec_gate import SpeculationGate
 from kvcache.engine.speculative import NgramDrafter, NgramProposer, SpecCounters, verify
 from kvcache.models.families import CausalLM, model_class
 from kvcache.models.loader import LoadedModel, load_model
+from kvcache.models.packed import prepare_weights, weight_formats
 from kvcache.runtime.plan import SchedulerOutput
 from kvcache.runtime.runner import ModelRunner
 from kvcache.runtime.sampler import logprobs_of, make_generator, sample
@@ -77,17 +79,47 @@ class _Group:
                                           and all(r.is_finished for r in self.samples))
 
 
-def build_model(loaded: LoadedModel, dtype: str, device: torch.device) -> CausalLM:
-    """The model of ``loaded``'s architecture with its weights, in ``dtype`` on ``device`` (no
-    throwaway random init)."""
-    torch_dtype = getattr(torch, parse_model_dtype(dtype))
+def build_model(loaded: LoadedModel, dtype: str, device: torch.device, weights_dtype: str = "auto") -> CausalLM:
+    """The model of ``loaded``'s architecture with its weights, computing in ``dtype`` on ``device``
+    (no throwaway random init), its projections and embeddings kept in ``weights_dtype`` (see
+    :func:`kvcache.models.packed.weight_format`)."""
+    dtype = resolve_dtype(dtype, device)
+    cls = model_class(loaded.config)
+    weights_dtype = parse_weights_dtype(weights_dtype)
+    if getattr(cls, "packs_weights", False):
+        weights = prepare_weights(loaded.weights, weights_dtype, dtype)
+    elif weights_dtype in ("auto", dtype):
+        weights = loaded.float_weights()
+    else:
+        raise ValueError(f"--weights-dtype {weights_dtype} is not available for {loaded.config.architecture} "
+                         f"models yet; use auto (the model's dtype).")
     with torch.device("meta"):
-        model = model_class(loaded.config)(loaded.config)
+        model = cls(loaded.config)
     # Module.to_empty's empty_like on meta tensors imports torch.fx (~1 s); torch.empty does not
     model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
     model.reset_buffers()
-    model.load_hf_weights(loaded.weights)
-    return model.to(dtype=torch_dtype).eval()
+    model.load_hf_weights(weights)
+    return model.to(dtype=getattr(torch, dtype)).eval()
+
+
+_warned_emulated_bf16 = False
+
+
+def resolve_dtype(dtype: str, device: torch.device | str = "cpu") -> str:
+    """The model dtype to compute in: ``auto`` is bfloat16 where the device multiplies it natively (a
+    GPU, a CPU with AVX-512 BF16 or AMX) and float32 elsewhere; bfloat16 asked for on a CPU that
+    emulates it is granted with a warning (once), as it runs slower there than float32."""
+    global _warned_emulated_bf16
+    name = parse_model_dtype(dtype)
+    native = torch.device(device).type != "cpu" or kernels.native_bf16()
+    if name == "auto":
+        return "bfloat16" if native else "float32"
+    if name == "bfloat16" and not native and not _warned_emulated_bf16:
+        _warned_emulated_bf16 = True
+        log.warning("This CPU has no native bfloat16 matmul (%s); PyTorch emulates it, so bfloat16 runs "
+                    "slower here than float32. --dtype auto picks float32 on this CPU; --weights-dtype "
+                    "bfloat16 halves the weights' bytes and still computes in float32.", kernels.cpu_description())
+    return name
 
 
 def _decode_only(plan: SchedulerOutput) -> bool:
@@ -111,27 +143,30 @@ class LLMEngine:
                  loaded: LoadedModel | None = None, kv_cache_dtype: str = "auto",
                  speculative: str | SpeculativeConfig | None = None, num_speculative_tokens: int | None = None,
                  draft_model: str | None = None, adaptive_speculation: bool = True,
-                 kv_offload: str | OffloadConfig | None = None) -> None:
+                 weights_dtype: str = "auto", kv_offload: str | OffloadConfig | None = None) -> None:
         offload_config = parse_kv_offload(kv_offload)
         if offload_config is not None and not enable_prefix_caching:
             raise ValueError("kv_offload finds blocks by their prefix hashes; it needs prefix caching on.")
         if isinstance(kv_cache_memory, str):
             kv_cache_memory = parse_bytes(kv_cache_memory)
-        self.dtype = parse_model_dtype(dtype)
+        self.device = torch.device(device) if device else default_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.weights_dtype = parse_weights_dtype(weights_dtype)
         self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, self.dtype)  # fp32 ... int4
         block_size = kv_dtype(self.kv_cache_dtype).default_block_size if block_size is None else block_size
         self.cache_config = CacheConfig(block_size, num_blocks, kv_cache_memory, enable_prefix_caching)
         self.scheduler_config = scheduler_config or SchedulerConfig()
         self.speculative_config = speculative_config(speculative, num_speculative_tokens, draft_model,
                                                      adaptive_speculation)
-        self.device = torch.device(device) if device else default_device()
         loaded = loaded or load_model(model)
         spec = self.speculative_config
         draft = load_draft_model(spec.draft_model, loaded.config) if spec and spec.method == "draft" else None
         self.model_config = loaded.config
         self.model_source = loaded.source
         self.tokenizer = loaded.tokenizer
-        self.model = build_model(loaded, self.dtype, self.device)
+        self.model = build_model(loaded, self.dtype, self.device, self.weights_dtype)
+        self.weight_bytes = self.model.weight_bytes()
+        self.weight_formats = weight_formats(self.model)
         self.max_model_len = min(max_model_len or loaded.config.max_position_embeddings,
                                  loaded.config.max_position_embeddings)
         self.kv_shape = KVShape.from_model_config(loaded.config)
@@ -291,7 +326,7 @@ class LLMEngine:
             return None
         if spec.method == "ngram":
             return NgramDrafter(NgramProposer(spec.num_speculative_tokens, spec.ngram_max, spec.ngram_min))
-        return DraftModelDrafter(build_model(draft, self.dtype, self.device),
+        return DraftModelDrafter(build_model(draft, self.dtype, self.device, self.weights_dtype),
                                  KVCache(draft_groups[0], num_blocks, self.cache_config.block_size, self.device),
                                  spec.num_speculative_tokens, self.scheduler_config, enable_prefix_caching)
 
@@ -299,7 +334,9 @@ class LLMEngine:
         """The offload tiers under the pool, keyed by this engine's KV fingerprint (None: no tiers)."""
         if config is None:
             return None
-        fingerprint = kv_fingerprint(weights_identity(loaded.weights), loaded.config, self.dtype, self.storage)
+        # the weights as this engine runs them: their storage format (float32, Q8_0...) changes the KV too
+        weights_id = weights_identity(self.model.state_dict())
+        fingerprint = kv_fingerprint(weights_id, loaded.config, f"{self.dtype}|{self.weight_formats}", self.storage)
         offload = EngineOffload(config, fingerprint, self.storage, self.pool, self.kv)
         self.runner.on_evicted = offload.save_evicted
         return offload
@@ -550,6 +587,7 @@ class LLMEngine:
             "kv_bytes_used": pool.num_used * self.block_bytes + draft.get("draft_kv_bytes_used", 0),
             "groups": self._group_stats(),
             "kv_cache_dtype": self.storage.kv_format,
+            "dtype": self.dtype, "weights_dtype": self.weight_formats, "weight_bytes": self.weight_bytes,
             "num_requests_running": len(running),
             "num_requests_waiting": len(self.scheduler.waiting),
             "num_requests_kept": len(self._kept),

@@ -44,6 +44,8 @@ class DeepseekForCausalLM(LlamaForCausalLM):
     """The llama family's embeddings, loop, final norm and head around MLA layers and experts; its
     ``attention_fn`` is an MLA attention (:func:`mla_attention`, absorbed decodes, by default)."""
 
+    packs_weights = False  # MLA absorbs kv_b_proj's weight into the queries: its weights stay plain tensors
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__(config)
         self.attention_fn = mla_attention

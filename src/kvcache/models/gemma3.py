@@ -26,7 +26,8 @@ from kvcache.cache.storage import LayerCache
 from kvcache.config import ModelConfig
 from kvcache.models.attention import AttentionMetadata, paged_attention
 from kvcache.models.layers import (AttentionFn, Attention, GatedMLP, OffsetRMSNorm, RotaryEmbedding, gelu_tanh,
-                                   vocab_logits)
+                                   head_weight, vocab_logits)
+from kvcache.models.packed import held_bytes
 from kvcache.models.weights import assign_weights, map_hf_weights
 
 _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
@@ -62,6 +63,8 @@ class Gemma3DecoderLayer(nn.Module):
 
 
 class Gemma3ForCausalLM(nn.Module):
+    packs_weights = True  # projections and embeddings may be kept packed (kvcache.models.packed)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -98,7 +101,7 @@ class Gemma3ForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab], soft-capped where the config says."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        weight = head_weight(self.embed_tokens if self.lm_head is None else self.lm_head)
         logits = vocab_logits(hidden, weight).float()
         cap = self.config.final_logit_softcapping
         return logits if cap is None else torch.tanh(logits / cap) * cap
@@ -110,4 +113,4 @@ class Gemma3ForCausalLM(nn.Module):
         assign_weights(self, map_hf_weights(self.config, weights, plain, tied=self.lm_head is None))
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        return held_bytes(self)

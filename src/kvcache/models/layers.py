@@ -16,6 +16,7 @@ from torch import nn
 from kvcache.cache.storage import LayerCache
 from kvcache.config import ModelConfig
 from kvcache.models.attention import AttentionMetadata
+from kvcache.models.packed import PackedEmbedding, PackedLinear, PackedWeight, matmul, uses_kernel
 
 AttentionFn = Callable[..., torch.Tensor]
 CosSin = tuple[torch.Tensor, torch.Tensor]
@@ -130,15 +131,25 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """hidden [N, hidden] x weight [vocab, hidden] -> logits [N, vocab] (in hidden's dtype).
+def head_weight(head: nn.Module) -> torch.Tensor | PackedWeight:
+    """The output head's weight: an embedding's or linear's tensor, or its packed form."""
+    return head.packed if isinstance(head, (PackedLinear, PackedEmbedding)) else head.weight
 
-    For 2..32 float32 rows on a CPU the product is taken as weight @ hidden^T: MKL's sgemm with a
-    vocabulary-sized weight and a handful of rows runs 2-4x slower the usual way round (measured on
-    SmolLM2's 49,152 x 576 head, 5 rows: 17.3 ms against 5.5 ms), and speculative verification asks
-    for exactly k + 1 rows.
+
+def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor | PackedWeight) -> torch.Tensor:
+    """hidden [N, hidden] x weight [vocab, hidden] -> logits [N, vocab] in hidden's dtype.
+
+    Packed heads, and float32/bfloat16 heads for the few rows a decode step has, go through
+    :func:`kvcache.models.packed.matmul` (our kernel). Otherwise, for 2..32 float32 rows on a CPU,
+    the product is taken as weight @ hidden^T: MKL's sgemm with a vocabulary-sized weight and a
+    handful of rows runs 2-4x slower the usual way round (measured on SmolLM2's 49,152 x 576 head,
+    5 rows: 17.3 ms against 5.5 ms).
     """
     rows = hidden.shape[0]
+    if isinstance(weight, PackedWeight):
+        return matmul(hidden, weight).to(hidden.dtype)
+    if weight.dtype in (torch.float32, torch.bfloat16) and uses_kernel(hidden, weight.dtype):
+        return matmul(hidden, PackedWeight(str(weight.dtype).removeprefix("torch."), weight)).to(hidden.dtype)
     if hidden.device.type == "cpu" and hidden.dtype == torch.float32 and 1 < rows <= 32:
         return torch.mm(weight, hidden.t()).t().contiguous()  # [vocab, N] -> [N, vocab]
     return F.linear(hidden, weight)

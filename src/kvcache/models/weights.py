@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kvcache.config import ModelConfig
+from kvcache.models.packed import PackedEmbedding, PackedLinear, PackedWeight, concat_rows
 
 
 def map_hf_weights(config: ModelConfig, weights: dict[str, torch.Tensor], plain: Sequence[str],
@@ -44,14 +45,30 @@ def map_hf_weights(config: ModelConfig, weights: dict[str, torch.Tensor], plain:
     return mapped
 
 
-def assign_weights(model: nn.Module, mapped: dict[str, torch.Tensor]) -> None:
-    """Take ``mapped`` as the model's parameters, without a second copy; shapes must match the config."""
+def assign_weights(model: nn.Module, mapped: dict[str, torch.Tensor | PackedWeight]) -> None:
+    """Take ``mapped`` as the model's parameters, without a second copy; shapes must match the config.
+
+    A :class:`PackedWeight` replaces its module (an ``nn.Linear`` by a :class:`PackedLinear` that
+    keeps the linear's bias, an ``nn.Embedding`` by a :class:`PackedEmbedding`)."""
     own = model.state_dict()
     for name, tensor in mapped.items():
-        if own[name].shape != tensor.shape:
+        if own[name].shape != tuple(tensor.shape):
             raise ValueError(f"Weight {name} has shape {tuple(tensor.shape)}; the config says "
                              f"{tuple(own[name].shape)}.")
-    model.load_state_dict(mapped, strict=False, assign=True)
+    model.load_state_dict({k: v for k, v in mapped.items() if isinstance(v, torch.Tensor)}, strict=False, assign=True)
+    for name, packed in mapped.items():
+        if isinstance(packed, PackedWeight):
+            _install_packed(model, name.removesuffix(".weight"), packed)
+
+
+def _install_packed(model: nn.Module, module_name: str, packed: PackedWeight) -> None:
+    parent_name, _, child = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, child)
+    if isinstance(old, nn.Embedding):
+        setattr(parent, child, PackedEmbedding(packed.to(old.weight.device), old.weight.dtype))
+    else:
+        setattr(parent, child, PackedLinear(packed.to(old.weight.device), old.bias))
 
 
 class _WeightSource:
@@ -65,10 +82,13 @@ class _WeightSource:
             raise ValueError(f"The weights have no tensor {name!r}; they do not match this architecture.")
         return self._weights.pop(name, *default)
 
-    def fused(self, parts: list[str]) -> torch.Tensor:
+    def fused(self, parts: list[str]) -> torch.Tensor | PackedWeight:
         """The row-wise concatenation of ``parts``: a view, with no copy, when they already lie one
-        after another in one storage (as kvcache's converted cache hands them out), else a new tensor."""
+        after another in one storage (as kvcache's converted cache hands them out), else a new tensor
+        (packed weights are concatenated plane by plane)."""
         tensors = [self.pop(part) for part in parts]
+        if any(isinstance(t, PackedWeight) for t in tensors):
+            return concat_rows([t if isinstance(t, PackedWeight) else PackedWeight("float32", t) for t in tensors])
         first = tensors[0]
         end = first.data_ptr()
         for t in tensors:

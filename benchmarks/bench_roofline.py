@@ -1,0 +1,145 @@
+"""Batch-1 decode and prefill against llama.cpp per weight format, and the memory roofline (issue 12).
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_roofline.py [--repeats 3] [--contexts 128,2048]
+        [--new 64] [--rows f32,bf16,q8_0,q4_1] [--json out.json]
+
+Rows (same weights on both sides, the embedded SmolLM2-135M-Instruct, whose GGUF is Q4_1 with a
+Q8_0 embedding):
+  f32   ours --weights-dtype float32    llama.cpp: the GGUF requantized to F32 (llama_model_quantize)
+  bf16  ours --weights-dtype bfloat16   llama.cpp: BF16
+  q8_0  ours --weights-dtype int8       llama.cpp: Q8_0 (both quantize the same float values)
+  q4_1  ours --weights-dtype auto       llama.cpp: the GGUF itself (Q4_1, Q8_0 embedding)
+Our activations are float32 in every row (weight-only quantization); llama.cpp rounds them to
+8 bits for its quantized rows.
+
+Both engines are timed the same way, alternating, in this one process: one N-token generation each,
+its time to the first token giving prefill tokens/s and the time from the first to the last token
+the decode rate of N - 1 tokens. Prefix caching off,
+greedy, EOS ignored. The roofline fraction is (weight bytes held + KV bytes read at the mean
+context) x decode tokens/s / the read bandwidth measured in this run (a 1 GiB float32 sum, best of
+7, the same threads). The CPU model and flags are printed first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from common import cpu_description, median, memory_read_bandwidth, prompt_ids
+from kvcache import LLM, SamplingParams
+from kvcache.models.loader import cache_dir, default_model_path
+
+ROWS = {  # row -> (our weights_dtype, llama.cpp's format)
+    "f32": ("float32", "float32"), "bf16": ("bfloat16", "bfloat16"), "q8_0": ("int8", "q8_0"), "q4_1": ("auto", "native")}
+
+
+class Ours:
+    def __init__(self, weights_dtype: str, kv_cache_dtype: str) -> None:
+        self.llm = LLM(weights_dtype=weights_dtype, dtype="float32", enable_prefix_caching=False,
+                       kv_cache_dtype=kv_cache_dtype, kv_cache_memory="512MB")
+        self.weight_bytes = self.llm.engine.weight_bytes
+        self.kv_per_token = self.llm.engine.storage.bytes_per_token
+
+    def generate(self, ids: list[int], n: int) -> tuple[float, float]:
+        """(seconds to the first token, seconds from it to the last)."""
+        out = self.llm.generate([ids], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))[0]
+        assert len(out.outputs[0].token_ids) == n
+        m = out.metrics
+        return m["first_token_time"] - m["arrival_time"], m["finish_time"] - m["first_token_time"]
+
+
+class LlamaCpp:
+    def __init__(self, fmt: str, context: int) -> None:
+        import llamacpp_peer as peer
+        import llama_cpp
+        peer.FTYPES.update({"q8_0": 7})  # LLAMA_FTYPE_MOSTLY_Q8_0
+        self.peer = peer.LlamaCppBatched(peer.convert(default_model_path(), fmt, cache_dir() / "llamacpp"),
+                                         n_ctx=context + 512, n_seq=1, threads=torch.get_num_threads())
+        self.weight_bytes = int(llama_cpp.llama_model_size(self.peer.model))
+
+    def generate(self, ids: list[int], n: int) -> tuple[float, float]:
+        tokens, ttft, finish = self.peer.run([("r", ids, n, 0.0)])["r"]
+        assert len(tokens) == n
+        return ttft, finish - ttft
+
+    def close(self) -> None:
+        self.peer.close()
+
+
+def time_pair(engine, ids: list[int], new: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one prompt. A pause first lets the other engine's threads
+    go to sleep (llama.cpp's pool polls for a while after each graph; both in one process otherwise
+    slow each other down by a quarter)."""
+    time.sleep(0.5)
+    ttft, decode = engine.generate(ids, new)
+    return len(ids) / ttft, (new - 1) / decode
+
+
+def run_row(row: str, context: int, new: int, repeats: int, bandwidth: float, tokenizer, kv: str) -> dict:
+    ours_dtype, peer_fmt = ROWS[row]
+    ours, peer = Ours(ours_dtype, kv), LlamaCpp(peer_fmt, context)
+    ids = prompt_ids(tokenizer, context)
+    for engine in (ours, peer):  # warm-up: kernels built, caches touched
+        engine.generate(ids[:32], 4)
+    runs = {"ours": [], "llama.cpp": []}
+    for _ in range(repeats):
+        runs["ours"].append(time_pair(ours, ids, new))
+        runs["llama.cpp"].append(time_pair(peer, ids, new))
+    kv_read = ours.kv_per_token * (context + new / 2)  # the KV a decode step reads, at the mean context
+    result = {"row": row, "context": context, "new_tokens": new, "ours_weight_bytes": ours.weight_bytes,
+              "llamacpp_weight_bytes": peer.weight_bytes}
+    for name, key in (("ours", "ours"), ("llama.cpp", "llamacpp")):
+        result[f"{key}_prefill_tok_s"] = median([r[0] for r in runs[name]])
+        result[f"{key}_decode_tok_s"] = median([r[1] for r in runs[name]])
+    result["decode_ratio"] = median([o[1] / p[1] for o, p in zip(runs["ours"], runs["llama.cpp"])])
+    result["prefill_ratio"] = median([o[0] / p[0] for o, p in zip(runs["ours"], runs["llama.cpp"])])
+    result["ours_roofline"] = result["ours_decode_tok_s"] * (ours.weight_bytes + kv_read) / bandwidth
+    peer_kv_read = kv_read * 2 / ours.llm.engine.storage.bytes_per_element  # llama.cpp's cache is F16
+    result["llamacpp_roofline"] = result["llamacpp_decode_tok_s"] * (peer.weight_bytes + peer_kv_read) / bandwidth
+    peer.close()
+    del ours
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--contexts", default="128,2048")
+    parser.add_argument("--new", type=int, default=64)
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--kv", default="bfloat16",
+                        help="our KV cache format (default bfloat16: 2 bytes a value, as llama.cpp's F16 cache)")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    print(f"# {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+    bandwidth = memory_read_bandwidth()
+    print(f"# read bandwidth {bandwidth / 1e9:.1f} GB/s (1 GiB float32 sum, best of 7); our KV cache {args.kv}, "
+          "llama.cpp's F16")
+    tokenizer = LLM(num_blocks=4).tokenizer
+    print("| weights | context | ours decode tok/s | llama.cpp decode tok/s | ratio | ours roofline | llama.cpp "
+          "roofline | ours prefill tok/s | llama.cpp prefill tok/s | ratio | ours / llama.cpp weight MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    results = []
+    for context in map(int, args.contexts.split(",")):
+        for row in args.rows.split(","):
+            r = run_row(row, context, args.new, args.repeats, bandwidth, tokenizer, args.kv)
+            results.append(r)
+            print(f"| {row} | {context:,} | {r['ours_decode_tok_s']:.1f} | {r['llamacpp_decode_tok_s']:.1f} | "
+                  f"**{r['decode_ratio']:.2f}x** | {100 * r['ours_roofline']:.0f}% | {100 * r['llamacpp_roofline']:.0f}% | "
+                  f"{r['ours_prefill_tok_s']:.0f} | {r['llamacpp_prefill_tok_s']:.0f} | {r['prefill_ratio']:.2f}x | "
+                  f"{r['ours_weight_bytes'] / 1e6:.1f} / {r['llamacpp_weight_bytes'] / 1e6:.1f} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu_description(), "bandwidth": bandwidth, "rows": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

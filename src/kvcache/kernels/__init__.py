@@ -1,0 +1,173 @@
+"""CPU kernels of our own, compiled from C at first use; PyTorch does the same work when they are absent.
+
+``matmul.c`` multiplies activations by weights kept in their storage format (float32, bfloat16,
+Q8_0, Q4_1) for the few rows a decode step has, at the memory bandwidth (PyTorch's single-row
+float32 GEMV reaches about half of it on AVX2 CPUs, and it has no int8/int4 matmul at all).
+``decode.c`` runs a whole llama-family decode step in one call (see kvcache.models.fused_decode).
+
+The library is built with the machine's C compiler (``$CC``, else ``cc``/``gcc``) and
+``-march=native`` into the cache directory (``$KVCACHE_CACHE_DIR/kernels``, keyed by the source,
+the compiler and the CPU's flags) the first time it is needed, in about a second, and loaded with
+ctypes. Its threads are torch's OpenMP team. No compiler, a failed build or ``KVCACHE_KERNELS=0``: :func:`library` returns None and every
+caller takes its PyTorch path, which computes the same numbers (the tests hold both to that).
+This package imports nothing else from kvcache.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+log = logging.getLogger("kvcache.kernels")
+
+HERE = Path(__file__).parent
+SOURCES = (HERE / "matmul.c", HERE / "decode.c")  # and kernels.h, which both include
+FORMAT_CODES = {"float32": 0, "bfloat16": 1, "q8_0": 2, "q4_1": 3}
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+_P = ctypes.c_void_p
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("KVCACHE_CACHE_DIR", Path.home() / ".cache" / "kvcache")) / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    """Compile matmul.c into the cache (once per source, compiler and CPU) and return the library's path."""
+    source = b"".join(p.read_bytes() for p in (*SOURCES, HERE / "kernels.h"))
+    key = hashlib.sha256(source + compiler.encode() + platform.machine().encode() + _cpu_flags().encode())
+    target = _cache_root() / f"matmul-{key.hexdigest()[:16]}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        flags = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
+        try:  # with OpenMP (torch's runtime at load time); a compiler without it builds single-threaded
+            subprocess.run([compiler, *flags, "-fopenmp", *map(str, SOURCES), "-o", str(out), "-lm"], check=True,
+                           capture_output=True, timeout=120)
+        except subprocess.CalledProcessError:
+            subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(out), "-lm"], check=True,
+                           capture_output=True, timeout=120)
+        os.replace(out, target)  # atomic: another process building at the same time is harmless
+    return target
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i = ctypes.c_int
+    lib.kv_matmul.argtypes = [i, i, i, i, _P, _P, _P, _P, _P, _P, i]
+    lib.kv_matmul.restype = i
+    lib.kv_widen.argtypes = [i, i, i, _P, _P, _P, _P, i]
+    lib.kv_widen.restype = i
+    lib.kv_llama_decode.argtypes = [ctypes.POINTER(Model), i, _P, _P, _P, ctypes.POINTER(GroupPlan), i]
+    lib.kv_llama_decode.restype = i
+    return lib
+
+
+# The structures decode.c takes (kv_weight, kv_layer, kv_model, kv_group_plan), field for field.
+class Weight(ctypes.Structure):
+    _fields_ = [("fmt", ctypes.c_int), ("rows", ctypes.c_int), ("cols", ctypes.c_int), ("data", _P),
+                ("scale", _P), ("minimum", _P), ("bias", _P)]
+
+
+class Layer(ctypes.Structure):
+    _fields_ = [("input_norm", _P), ("post_norm", _P), ("qkv", Weight), ("o", Weight), ("gate_up", Weight),
+                ("down", Weight), ("k", _P), ("v", _P), ("group", ctypes.c_int), ("window", ctypes.c_int)]
+
+
+class Model(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim",
+                                                  "intermediate", "kv_bf16", "num_blocks", "block_size")] + [
+        ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("layers", ctypes.POINTER(Layer))]
+
+
+class GroupPlan(ctypes.Structure):
+    _fields_ = [("slots", _P), ("tables", _P), ("seq_lens", _P), ("width", ctypes.c_int)]
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, building them on first use; None where they cannot be had (then the
+    reason is logged once and callers use PyTorch).
+
+    torch is imported first, so that the library's libgomp.so.1 resolves to the one torch loaded
+    and both run on one OpenMP team."""
+    global _library, _tried
+    if _tried:
+        return _library
+    with _lock:
+        if _tried:
+            return _library
+        import torch  # noqa: F401  (see the docstring)
+
+        if os.environ.get("KVCACHE_KERNELS", "1") == "0":
+            log.info("KVCACHE_KERNELS=0: using PyTorch for weight matmuls")
+        else:
+            compiler = _compiler()
+            try:
+                if compiler is None:
+                    raise OSError("no C compiler (cc, gcc, clang) on PATH")
+                _library = _bind(ctypes.CDLL(str(_build(compiler))))
+            except (OSError, subprocess.SubprocessError) as err:
+                detail = getattr(err, "stderr", b"") or b""
+                log.warning("kvcache's C kernels are unavailable (%s%s); weight matmuls use PyTorch, "
+                            "which is slower for decode", err, (": " + detail.decode(errors="replace")[-400:])
+                            if detail else "")
+        _tried = True
+        return _library
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX-512 BF16 or AMX); without it PyTorch
+    emulates bfloat16 matmuls, 3-5x slower than float32."""
+    flags = set(_cpu_flags().split())
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_description() -> str:
+    """The CPU's model name and the vector extensions that matter here, for benchmark headers and logs."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+    flags = set(_cpu_flags().split())
+    return f"{model}; {os.cpu_count()} cores; " + (" ".join(f for f in wanted if f in flags) or "no AVX2")
+
+
+def reset() -> None:
+    """Forget the loaded library so the next :func:`library` call decides again (tests)."""
+    global _library, _tried
+    with _lock:
+        _library, _tried = None, False

@@ -1,0 +1,355 @@
+/* A llama-family decode step in one call: for n single-token queries, every layer's RMSNorm, fused
+ * QKV projection, RoPE, KV write, paged attention, output projection, residual, RMSNorm, gated SiLU
+ * MLP and residual, in float32, with the weights in their storage format (matmul.c).
+ *
+ * Why: PyTorch spends 5-10 us per operator and a layer of this model is ~40 of them, so a decode
+ * step of SmolLM2 paid ~20 ms of dispatch for ~20 ms of weight reads. Here one OpenMP team stays
+ * in one parallel region for the whole step and meets at a spin barrier between phases.
+ *
+ * The arithmetic is the PyTorch path's (kvcache.models.llama with paged_attention), so the two
+ * agree to float32 rounding and cached generation stays equal to recomputation:
+ *   RMSNorm     w * (x * 1/sqrt(mean(x^2) + eps))
+ *   RoPE        x * cos + rotate_half(x) * sin, the tables computed by the caller
+ *   attention   softmax(scale * q.k) over the keys the sequence's table holds (a sliding window
+ *               keeps its last `window` of them), weights times values
+ *   MLP         down(silu(gate) * up)
+ */
+#include "kernels.h"
+
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+
+typedef struct {  /* a weight [rows, cols] in its storage format (see matmul.c) */
+    int fmt, rows, cols;
+    const void *data;
+    const uint16_t *scale, *minimum;
+    const float *bias;  /* [rows] or NULL */
+} kv_weight;
+
+typedef struct {
+    const float *input_norm, *post_norm;  /* [hidden] */
+    kv_weight qkv, o, gate_up, down;
+    void *k, *v;                          /* this layer's cache, each [kv_heads, num_blocks, block_size, head_dim] */
+    int group, window;                    /* the cache group whose plan addresses it; window 0 = full */
+} kv_layer;
+
+typedef struct {
+    int num_layers, hidden, heads, kv_heads, head_dim, intermediate;
+    int kv_bf16, num_blocks, block_size;  /* the cache's element type (float32 or bfloat16) and shape */
+    float eps, scale;
+    const kv_layer *layers;
+} kv_model;
+
+typedef struct {          /* one cache group's share of the step's plan */
+    const int64_t *slots;    /* [n] where each token's key and value go */
+    const int64_t *tables;   /* [n, width] block ids, from the first block attention reads */
+    const int32_t *seq_lens; /* [n] keys per sequence, counted from that block */
+    int width;
+} kv_group_plan;
+
+/* --- a spin barrier: the team meets here between phases; a waiting thread yields now and then,
+ *     so a thread that lost its core to another process gets it back ---------------------------- */
+typedef struct { atomic_int count; atomic_int sense; } barrier_t;
+
+static void meet(barrier_t *b, int *sense, int nt) {
+    if (nt == 1) return;
+    int s = !*sense;
+    *sense = s;
+    if (atomic_fetch_add(&b->count, 1) == nt - 1) {
+        atomic_store(&b->count, 0);
+        atomic_store(&b->sense, s);
+        return;
+    }
+    for (long i = 1; atomic_load(&b->sense) != s; i++) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if ((i & 255) == 0) sched_yield();
+    }
+}
+
+static void share_of(int tid, int nt, int total, int align, int *begin, int *end) {
+    long units = (total + align - 1) / align;
+    long b = units * tid / nt * align, e = units * (tid + 1) / nt * align;
+    *begin = (int)(b < total ? b : total);
+    *end = (int)(e < total ? e : total);
+}
+
+/* --- the pieces ------------------------------------------------------------------------------ */
+
+static void rmsnorm(const float *x, const float *w, float *out, int n, int size, float eps) {
+    for (int i = 0; i < n; i++) {
+        const float *row = x + (long)i * size;
+        float sum = 0.0f;
+        for (int k = 0; k < size; k++) sum += row[k] * row[k];
+        float inv = 1.0f / sqrtf(sum / (float)size + eps);
+        for (int k = 0; k < size; k++) out[(long)i * size + k] = w[k] * (row[k] * inv);
+    }
+}
+
+/* This thread's rows of y = x @ W^T (+ bias). */
+static void matmul_share(const kv_weight *w, int n, const float *x, const float *xsum, float *y, int tid, int nt) {
+    job_t job = {w->fmt, n, w->rows, w->cols, x, xsum, w->data, w->scale, w->minimum, w->bias, y};
+    int begin, end;
+    share_of(tid, nt, w->rows, 16, &begin, &end);
+    if (begin < end) kv_range_fn(w->fmt)(&job, begin, end);
+}
+
+static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as torch's .to(bfloat16) */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 0x40);  /* NaN stays NaN */
+    return (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+}
+
+static inline float cache_value(const kv_model *m, const void *cache, long index) {
+    if (m->kv_bf16) {
+        uint32_t bits = (uint32_t)((const uint16_t *)cache)[index] << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+    return ((const float *)cache)[index];
+}
+
+static inline long cache_index(const kv_model *m, int kv_head, long slot) {  /* first value of a slot */
+    return ((long)kv_head * m->num_blocks * m->block_size + slot) * m->head_dim;
+}
+
+/* RoPE on each query and key head in place (rotate_half), then the keys and values into the cache. */
+static void rope_and_store(const kv_model *m, const kv_layer *ly, const kv_group_plan *plan, float *qkv, int n,
+                           const float *cos, const float *sin) {
+    int hd = m->head_dim, half = hd / 2, width = (m->heads + 2 * m->kv_heads) * hd;
+    float rotated[hd];
+    for (int i = 0; i < n; i++) {
+        float *row = qkv + (long)i * width;
+        const float *c = cos + (long)i * hd, *s = sin + (long)i * hd;
+        for (int head = 0; head < m->heads + m->kv_heads; head++) {
+            float *x = row + head * hd;
+            for (int d = 0; d < half; d++) { rotated[d] = -x[d + half]; rotated[d + half] = x[d]; }
+            for (int d = 0; d < hd; d++) x[d] = x[d] * c[d] + rotated[d] * s[d];
+        }
+        const float *k = row + m->heads * hd, *v = k + m->kv_heads * hd;
+        for (int kh = 0; kh < m->kv_heads; kh++) {
+            long at = cache_index(m, kh, plan->slots[i]);
+            for (int d = 0; d < hd; d++) {
+                if (m->kv_bf16) {
+                    ((uint16_t *)ly->k)[at + d] = float_to_bf16(k[kh * hd + d]);
+                    ((uint16_t *)ly->v)[at + d] = float_to_bf16(v[kh * hd + d]);
+                } else {
+                    ((float *)ly->k)[at + d] = k[kh * hd + d];
+                    ((float *)ly->v)[at + d] = v[kh * hd + d];
+                }
+            }
+        }
+    }
+}
+
+/* One cached key or value row (head_dim values, float32 or bfloat16) widened into `out`. */
+static inline void load_row(const kv_model *m, const void *cache, long index, float *out) {
+    int hd = m->head_dim, d = 0;
+    if (m->kv_bf16) {
+        const uint16_t *p = (const uint16_t *)cache + index;
+#ifdef KV_AVX2
+        for (; d + 8 <= hd; d += 8)
+            _mm256_storeu_ps(out + d, _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + d))), 16)));
+#endif
+        for (; d < hd; d++) out[d] = cache_value(m, cache, index + d);
+    } else {
+        memcpy(out, (const float *)cache + index, (size_t)hd * sizeof(float));
+    }
+}
+
+static inline float dot(const float *a, const float *b, int size) {
+    float sum = 0.0f;
+    int k = 0;
+#ifdef KV_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; k + 8 <= size; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    sum = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+#endif
+    for (; k < size; k++) sum += a[k] * b[k];
+    return sum;
+}
+
+static inline void axpy(float *y, float a, const float *x, int size) {  /* y += a * x */
+    int k = 0;
+#ifdef KV_AVX2
+    __m256 va = _mm256_set1_ps(a);
+    for (; k + 8 <= size; k += 8)
+        _mm256_storeu_ps(y + k, _mm256_add_ps(_mm256_loadu_ps(y + k), _mm256_mul_ps(va, _mm256_loadu_ps(x + k))));
+#endif
+    for (; k < size; k++) y[k] += a * x[k];
+}
+
+/* Attention is split into parts: (sequence, kv head, a run of its keys). A part leaves, per query
+ * head of the kv head's group, its largest score, the sum of exp(score - largest) and the values
+ * weighted by those exponentials; `merge` combines a (sequence, kv head)'s parts. Long contexts
+ * thus spread over every thread even for one sequence with three kv heads. */
+typedef struct { int first, len, parts; } key_range;
+
+static key_range keys_of(const kv_model *m, const kv_layer *ly, const kv_group_plan *plan, int i, int nt) {
+    key_range r = {0, plan->seq_lens[i], 1};
+    if (ly->window > 0 && r.len > ly->window) r.first = r.len - ly->window;
+    int count = r.len - r.first, per_part = 128;
+    r.parts = (count + per_part - 1) / per_part;
+    if (r.parts > nt) r.parts = nt;
+    if (r.parts < 1) r.parts = 1;
+    (void)m;
+    return r;
+}
+
+/* Part `part` of (sequence i, kv head kh). partial: per query head g, [max, sum, hd weighted values].
+ * scores: room for one score per key of the part; row: head_dim floats. */
+static void attend_part(const kv_model *m, const kv_layer *ly, const kv_group_plan *plan, const float *qkv,
+                        int i, int kh, key_range r, int part, float *partial, float *scores, float *row) {
+    int hd = m->head_dim, group = m->heads / m->kv_heads, bs = m->block_size;
+    int count = r.len - r.first;
+    int lo = r.first + (int)((long)count * part / r.parts), hi = r.first + (int)((long)count * (part + 1) / r.parts);
+    const int64_t *table = plan->tables + (long)i * plan->width;
+    const float *q = qkv + (long)i * (m->heads + 2 * m->kv_heads) * hd + (long)kh * group * hd;
+    for (int t = lo; t < hi; t++) {
+        load_row(m, ly->k, cache_index(m, kh, table[t / bs] * bs + t % bs), row);
+        for (int g = 0; g < group; g++) scores[g * (hi - lo) + t - lo] = dot(q + g * hd, row, hd) * m->scale;
+    }
+    for (int g = 0; g < group; g++) {
+        float *p = scores + g * (hi - lo), top = -INFINITY, total = 0.0f;
+        for (int t = 0; t < hi - lo; t++) top = p[t] > top ? p[t] : top;
+        for (int t = 0; t < hi - lo; t++) { p[t] = expf(p[t] - top); total += p[t]; }
+        float *out = partial + (long)g * (hd + 2);
+        out[0] = top;
+        out[1] = total;
+        memset(out + 2, 0, (size_t)hd * sizeof(float));
+    }
+    for (int t = lo; t < hi; t++) {
+        load_row(m, ly->v, cache_index(m, kh, table[t / bs] * bs + t % bs), row);
+        for (int g = 0; g < group; g++) axpy(partial + (long)g * (hd + 2) + 2, scores[g * (hi - lo) + t - lo], row, hd);
+    }
+}
+
+/* softmax(all parts) . values for (sequence i, kv head kh): out[i, head g of the group]. */
+static void merge(const kv_model *m, int i, int kh, int parts, const float *partials, float *out) {
+    int hd = m->head_dim, group = m->heads / m->kv_heads;
+    long stride = (long)group * (hd + 2);
+    for (int g = 0; g < group; g++) {
+        float top = -INFINITY, total = 0.0f;
+        for (int p = 0; p < parts; p++) top = partials[p * stride + g * (hd + 2)] > top ? partials[p * stride + g * (hd + 2)] : top;
+        float *o = out + (long)i * m->heads * hd + (long)(kh * group + g) * hd;
+        memset(o, 0, (size_t)hd * sizeof(float));
+        for (int p = 0; p < parts; p++) {
+            const float *part = partials + p * stride + g * (hd + 2);
+            float w = expf(part[0] - top);
+            total += part[1] * w;
+            axpy(o, w, part + 2, hd);
+        }
+        for (int d = 0; d < hd; d++) o[d] /= total;
+    }
+}
+
+/* --- the step ---------------------------------------------------------------------------------- */
+
+/* h [n, hidden] float32 (the embeddings; the last layer's output on return). cos, sin [n, head_dim].
+ * plans[g] is cache group g's share of the plan. Returns 0, -1 for an unknown weight format, -2 if
+ * out of memory. */
+int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const float *sin,
+                    const kv_group_plan *plans, int nthreads) {
+    for (int l = 0; l < m->num_layers; l++) {
+        const kv_layer *ly = &m->layers[l];
+        if (!kv_range_fn(ly->qkv.fmt) || !kv_range_fn(ly->o.fmt) || !kv_range_fn(ly->gate_up.fmt) || !kv_range_fn(ly->down.fmt))
+            return -1;
+    }
+    int H = m->hidden, hd = m->head_dim, I = m->intermediate, group = m->heads / m->kv_heads;
+    int width = (m->heads + 2 * m->kv_heads) * hd, longest = 1, widest = H > I ? H : I;
+    for (int l = 0; l < m->num_layers; l++)
+        for (int i = 0; i < n; i++) {
+            int len = plans[m->layers[l].group].seq_lens[i];
+            longest = len > longest ? len : longest;
+        }
+    if (nthreads < 1) nthreads = 1;
+    long part_floats = (long)group * (hd + 2);  /* one attention part's result */
+    size_t floats = (size_t)n * (H + width + m->heads * hd + H + 2 * I + I + widest / QBLOCK + 1)
+                  + (size_t)n * m->kv_heads * nthreads * part_floats
+                  + (size_t)nthreads * ((size_t)group * longest + hd);
+    float *buf = malloc(floats * sizeof(float));
+    if (!buf) return -2;
+    float *x = buf, *qkv = x + (size_t)n * H, *attn = qkv + (size_t)n * width, *tmp = attn + (size_t)n * m->heads * hd;
+    float *gu = tmp + (size_t)n * H, *act = gu + (size_t)n * 2 * I, *xsum = act + (size_t)n * I;
+    float *partials = xsum + (size_t)n * (widest / QBLOCK + 1);
+    float *scratch = partials + (size_t)n * m->kv_heads * nthreads * part_floats;
+    barrier_t bar = {0, 0};
+
+    #pragma omp parallel num_threads(nthreads)
+    {
+#ifdef _OPENMP
+        int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        int tid = 0, nt = 1;
+#endif
+        int sense = 0;
+        float *scores = scratch + (size_t)tid * ((size_t)group * longest + hd), *key = scores + (size_t)group * longest;
+        for (int l = 0; l < m->num_layers; l++) {
+            const kv_layer *ly = &m->layers[l];
+            const kv_group_plan *plan = &plans[ly->group];
+            if (tid == 0) {
+                rmsnorm(h, ly->input_norm, x, n, H, m->eps);
+                if (ly->qkv.fmt == FMT_Q4_1) kv_block_sums(x, n, H, xsum);
+            }
+            meet(&bar, &sense, nt);
+            matmul_share(&ly->qkv, n, x, xsum, qkv, tid, nt);
+            meet(&bar, &sense, nt);
+            if (tid == 0) rope_and_store(m, ly, plan, qkv, n, cos, sin);
+            meet(&bar, &sense, nt);
+            /* attention: every (sequence, kv head, part) task, then each pair's parts merged */
+            int tasks = 0;
+            for (int i = 0; i < n; i++) tasks += keys_of(m, ly, plan, i, nt).parts * m->kv_heads;
+            for (int task = tid; task < tasks; task += nt) {
+                int i = 0, t = task, parts;
+                while (t >= (parts = keys_of(m, ly, plan, i, nt).parts) * m->kv_heads) { t -= parts * m->kv_heads; i++; }
+                key_range r = keys_of(m, ly, plan, i, nt);
+                attend_part(m, ly, plan, qkv, i, t / parts, r, t % parts, partials + (long)task * part_floats, scores, key);
+            }
+            meet(&bar, &sense, nt);
+            for (int pair = tid, base = 0; pair < n * m->kv_heads; pair += nt) {
+                int i = pair / m->kv_heads, kh = pair % m->kv_heads;
+                base = 0;
+                for (int k = 0; k < i; k++) base += keys_of(m, ly, plan, k, nt).parts * m->kv_heads;
+                int parts = keys_of(m, ly, plan, i, nt).parts;
+                merge(m, i, kh, parts, partials + (long)(base + kh * parts) * part_floats, attn);
+            }
+            meet(&bar, &sense, nt);
+            if (ly->o.fmt == FMT_Q4_1) {
+                if (tid == 0) kv_block_sums(attn, n, m->heads * hd, xsum);
+                meet(&bar, &sense, nt);
+            }
+            matmul_share(&ly->o, n, attn, xsum, tmp, tid, nt);
+            meet(&bar, &sense, nt);
+            if (tid == 0) {
+                for (long k = 0; k < (long)n * H; k++) h[k] += tmp[k];
+                rmsnorm(h, ly->post_norm, x, n, H, m->eps);
+                if (ly->gate_up.fmt == FMT_Q4_1) kv_block_sums(x, n, H, xsum);
+            }
+            meet(&bar, &sense, nt);
+            matmul_share(&ly->gate_up, n, x, xsum, gu, tid, nt);
+            meet(&bar, &sense, nt);
+            if (tid == 0) {
+                for (int i = 0; i < n; i++)
+                    for (int k = 0; k < I; k++) {
+                        float g = gu[(long)i * 2 * I + k], u = gu[(long)i * 2 * I + I + k];
+                        act[(long)i * I + k] = g / (1.0f + expf(-g)) * u;
+                    }
+                if (ly->down.fmt == FMT_Q4_1) kv_block_sums(act, n, I, xsum);
+            }
+            meet(&bar, &sense, nt);
+            matmul_share(&ly->down, n, act, xsum, tmp, tid, nt);
+            meet(&bar, &sense, nt);
+            if (tid == 0)
+                for (long k = 0; k < (long)n * H; k++) h[k] += tmp[k];
+        }
+    }
+    free(buf);
+    return 0;
+}

@@ -1,0 +1,372 @@
+/* kvcache's CPU matmul: y[M, N] = x[M, K] @ W[N, K]^T (+ bias) with W kept in its storage format.
+ *
+ * Formats of W (row-major, K contiguous; "block" = 32 consecutive values of a row):
+ *   F32   w float32 [N, K]
+ *   BF16  w uint16  [N, K]                      (the upper half of a float32)
+ *   Q8_0  w int8    [N, K],   d fp16 [N, K/32]  value = d * q
+ *   Q4_1  w uint8   [N, K/2], d, m fp16 [N, K/32]; a block's 16 bytes hold values 0..15 in their
+ *         low nibbles and 16..31 in their high nibbles (GGUF's order); value = d * q + m
+ *
+ * Activations stay float32 for every format: a quantized block is widened in registers and
+ * multiplied in float32, y += d * sum(q * x) + m * sum(x). (llama.cpp instead rounds activations
+ * to int8 per block and takes integer dot products, which is cheaper, but one rounding step
+ * flipped by float noise moved SmolLM2's logits by up to 1.0, so a decode step and a prefill of
+ * the same tokens no longer agreed and cached generation stopped matching recomputation.)
+ * This equals PyTorch's float32 product with the dequantized matrix to float32 rounding.
+ *
+ * Work is split over output rows on torch's OpenMP team (see parallel_for). Built by
+ * kvcache.kernels with the machine's C compiler at first use; never required.
+ */
+#include "kernels.h"
+
+#define ROWS 4  /* output rows per register block */
+
+/* ---------------------------------------------------------------------------------------------
+ * fp16 <-> float
+ */
+static inline float half_to_float(uint16_t h) {
+#ifdef KV_AVX2
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) { bits = sign; }
+        else {  /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) { bits = sign | 0x7f800000 | (man << 13); }
+    else { bits = sign | ((exp + 127 - 15) << 23) | (man << 13); }
+    float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+static inline float bf16_to_float(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16; float f; memcpy(&f, &bits, 4); return f;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Threads: OpenMP. Loaded into a process that has imported torch, this library shares torch's own
+ * OpenMP runtime (the same libgomp.so.1), so its parallel regions run on torch's thread team with
+ * torch's wait policy: no second team competing for the cores. (A pool of our own, tried first,
+ * lost whole scheduler time slices whenever its threads and torch's met on one core.)
+ */
+static void share(int id, int n, int total, int align, int *begin, int *end) {
+    long units = (total + align - 1) / align;
+    long b = units * id / n * align, e = units * (id + 1) / n * align;
+    *begin = (int)(b < total ? b : total);
+    *end = (int)(e < total ? e : total);
+}
+
+/* Run fn over [0, total) split into nthreads shares aligned to `align`. */
+static void parallel_for(range_fn fn, const void *job, int total, int align, int nthreads) {
+#ifdef _OPENMP
+    if (nthreads > 1 && total > align) {
+        #pragma omp parallel num_threads(nthreads)
+        {
+            int begin, end;
+            share(omp_get_thread_num(), omp_get_num_threads(), total, align, &begin, &end);
+            if (begin < end) fn(job, begin, end);
+        }
+        return;
+    }
+#endif
+    (void)nthreads; (void)align;
+    fn(job, 0, total);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The job: one matmul. Each range function computes y[:, begin:end].
+ */
+
+static inline void store(const job_t *j, int m, int n, float v) {
+    j->y[(long)m * j->N + n] = v + (j->bias ? j->bias[n] : 0.0f);
+}
+
+#ifdef KV_AVX2
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 load_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#endif
+
+#define PREFETCH_BYTES 1024  /* how far ahead of the read a row's next bytes are asked for */
+
+static inline void prefetch(const void *p) {
+#if defined(__GNUC__)
+    __builtin_prefetch(p, 0, 3);
+#endif
+}
+
+/* One activation row (decode): each weight row is read once, front to back, into four
+ * accumulators; the next kilobyte is prefetched (rows are short, so the hardware prefetcher
+ * alone restarts too often). */
+#define FLOAT_ROW(NAME, TYPE, LOADV, TOFLOAT)                                                       \
+static void NAME(const job_t *j, int begin, int end) {                                             \
+    const TYPE *W = j->w;                                                                          \
+    const float *x = j->x;                                                                         \
+    int K = j->K;                                                                                  \
+    for (int n = begin; n < end; n++) {                                                            \
+        const TYPE *w = W + (long)n * K;                                                           \
+        float acc = 0.0f;                                                                          \
+        int k = 0;                                                                                 \
+        FLOAT_ROW_SIMD(LOADV)                                                                      \
+        for (; k < K; k++) acc += TOFLOAT(w[k]) * x[k];                                            \
+        store(j, 0, n, acc);                                                                       \
+    }                                                                                              \
+}
+
+/* Several activation rows (speculative verification, short prefill): ROWS weight rows x 2
+ * activation rows per register block, the next block prefetched; a short block repeats its last
+ * row (computed, not stored). */
+#define FLOAT_TILE(NAME, TYPE, LOADV, TOFLOAT)                                                     \
+static void NAME(const job_t *j, int begin, int end) {                                             \
+    const TYPE *W = j->w;                                                                          \
+    int K = j->K;                                                                                  \
+    for (int n = begin; n < end; n += ROWS) {                                                      \
+        const TYPE *w[ROWS];                                                                       \
+        for (int r = 0; r < ROWS; r++) w[r] = W + (long)(n + r < end ? n + r : end - 1) * K;       \
+        for (int m = 0; m < j->M; m += 2) {                                                        \
+            const float *x0 = j->x + (long)m * K, *x1 = j->x + (long)(m + 1 < j->M ? m + 1 : m) * K; \
+            float acc[2][ROWS] = {{0}};                                                            \
+            int k = 0;                                                                             \
+            FLOAT_TILE_SIMD(LOADV)                                                                 \
+            for (; k < K; k++) {                                                                   \
+                for (int r = 0; r < ROWS; r++) {                                                   \
+                    float wv = TOFLOAT(w[r][k]);                                                   \
+                    acc[0][r] += wv * x0[k];                                                       \
+                    acc[1][r] += wv * x1[k];                                                       \
+                }                                                                                  \
+            }                                                                                      \
+            for (int r = 0; r < ROWS && n + r < end; r++) {                                        \
+                store(j, m, n + r, acc[0][r]);                                                     \
+                if (m + 1 < j->M) store(j, m + 1, n + r, acc[1][r]);                               \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+}
+
+#ifdef KV_AVX2
+#define FLOAT_ROW_SIMD(LOADV)                                                                      \
+    {                                                                                              \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                \
+        for (; k + 32 <= K; k += 32) {                                                             \
+            prefetch((const char *)(w + k) + PREFETCH_BYTES);                                      \
+            prefetch((const char *)(w + k + 16) + PREFETCH_BYTES);                                 \
+            a0 = _mm256_fmadd_ps(LOADV(w + k), _mm256_loadu_ps(x + k), a0);                        \
+            a1 = _mm256_fmadd_ps(LOADV(w + k + 8), _mm256_loadu_ps(x + k + 8), a1);                \
+            a2 = _mm256_fmadd_ps(LOADV(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);              \
+            a3 = _mm256_fmadd_ps(LOADV(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);              \
+        }                                                                                          \
+        acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));                   \
+    }
+#define FLOAT_TILE_SIMD(LOADV)                                                                     \
+    {                                                                                              \
+        __m256 a0[ROWS], a1[ROWS];                                                                 \
+        for (int r = 0; r < ROWS; r++) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); } \
+        for (; k + 8 <= K; k += 8) {                                                               \
+            __m256 xa = _mm256_loadu_ps(x0 + k), xb = _mm256_loadu_ps(x1 + k);                     \
+            for (int r = 0; r < ROWS; r++) {                                                       \
+                if (m == 0) prefetch(w[r] + k + (long)ROWS * K);                                   \
+                __m256 wv = LOADV(w[r] + k);                                                       \
+                a0[r] = _mm256_fmadd_ps(wv, xa, a0[r]);                                            \
+                a1[r] = _mm256_fmadd_ps(wv, xb, a1[r]);                                            \
+            }                                                                                      \
+        }                                                                                          \
+        for (int r = 0; r < ROWS; r++) { acc[0][r] = hsum(a0[r]); acc[1][r] = hsum(a1[r]); }      \
+    }
+#define LOAD_F32(p) _mm256_loadu_ps(p)
+#define LOAD_BF16(p) load_bf16(p)
+#else
+#define FLOAT_ROW_SIMD(LOADV)
+#define FLOAT_TILE_SIMD(LOADV)
+#endif
+#define AS_FLOAT(v) (v)
+
+FLOAT_ROW(f32_row, float, LOAD_F32, AS_FLOAT)
+FLOAT_ROW(bf16_row, uint16_t, LOAD_BF16, bf16_to_float)
+FLOAT_TILE(f32_tile, float, LOAD_F32, AS_FLOAT)
+FLOAT_TILE(bf16_tile, uint16_t, LOAD_BF16, bf16_to_float)
+
+static void f32_range(const void *arg, int begin, int end) {
+    const job_t *j = arg;
+    if (j->M == 1) f32_row(j, begin, end); else f32_tile(j, begin, end);
+}
+
+static void bf16_range(const void *arg, int begin, int end) {
+    const job_t *j = arg;
+    if (j->M == 1) bf16_row(j, begin, end); else bf16_tile(j, begin, end);
+}
+
+/* Quantized rows. A block's 32 values are widened to four vectors of 8 floats. */
+#ifdef KV_AVX2
+static inline void widen_q8(const uint8_t *q, __m256 v[4]) {
+    for (int i = 0; i < 4; i++)
+        v[i] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * i))));
+}
+
+static inline void widen_q4(const uint8_t *q, __m256 v[4]) {
+    const __m128i low = _mm_set1_epi8(0x0f);
+    __m128i bytes = _mm_loadu_si128((const __m128i *)q);
+    __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+    v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+#endif
+
+static inline float quant_value(const uint8_t *q, int q4, int i) {  /* block value i, before scaling */
+    if (!q4) return (float)(int8_t)q[i];
+    return (float)(i < 16 ? q[i] & 15 : q[i - 16] >> 4);
+}
+
+#ifdef KV_AVX2
+/* A block's 32 weights (before scaling) times its 32 activations: 8 partial sums. */
+static inline __attribute__((always_inline)) __m256 block_dot(const uint8_t *q, const float *x, const int q4) {
+    __m256 v[4];
+    if (q4) widen_q4(q, v); else widen_q8(q, v);
+    __m256 a = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(x + 8), _mm256_mul_ps(v[0], _mm256_loadu_ps(x)));
+    __m256 b = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(x + 24), _mm256_mul_ps(v[2], _mm256_loadu_ps(x + 16)));
+    return _mm256_add_ps(a, b);
+}
+#endif
+
+/* One weight row against every activation row: y[m] = sum_b d_b * (q_b . x_b) + m_b * xsum_b.
+ * Inlined into one copy per format, so the inner loop has no format test. */
+static inline __attribute__((always_inline)) void quant_row(const job_t *j, int n, const int q4) {
+    int K = j->K, blocks = K / QBLOCK, bb = q4 ? 16 : 32;
+    const uint8_t *w = (const uint8_t *)j->w + (long)n * blocks * bb;
+    const uint16_t *d = j->d + (long)n * blocks, *mn = q4 ? j->mn + (long)n * blocks : NULL;
+    prefetch(w + (long)blocks * bb + PREFETCH_BYTES);  /* rows are short: ask for what comes after */
+    prefetch(d + blocks + PREFETCH_BYTES / 2);
+    if (q4) prefetch(mn + blocks + PREFETCH_BYTES / 2);
+    for (int m = 0; m < j->M; m++) {
+        const float *x = j->x + (long)m * K, *xsum = q4 ? j->xsum + (long)m * blocks : NULL;
+        float total = 0.0f;
+#ifdef KV_AVX2
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0, minimum = acc0;
+        int b = 0;
+        for (; b + 8 <= blocks; b += 8) {
+            float scale[8];
+            _mm256_storeu_ps(scale, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + b))));
+            if (q4) minimum = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(mn + b))),
+                                              _mm256_loadu_ps(xsum + b), minimum);
+            for (int i = 0; i < 8; i += 2) {
+                acc0 = _mm256_fmadd_ps(block_dot(w + (long)(b + i) * bb, x + (b + i) * QBLOCK, q4),
+                                       _mm256_broadcast_ss(scale + i), acc0);
+                acc1 = _mm256_fmadd_ps(block_dot(w + (long)(b + i + 1) * bb, x + (b + i + 1) * QBLOCK, q4),
+                                       _mm256_broadcast_ss(scale + i + 1), acc1);
+            }
+        }
+        for (; b < blocks; b++) {
+            acc0 = _mm256_fmadd_ps(block_dot(w + (long)b * bb, x + b * QBLOCK, q4), _mm256_set1_ps(half_to_float(d[b])), acc0);
+            if (q4) total += half_to_float(mn[b]) * xsum[b];
+        }
+        total += hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), minimum));
+#else
+        for (int b = 0; b < blocks; b++) {
+            const uint8_t *q = w + (long)b * bb;
+            float dot = 0.0f;
+            for (int i = 0; i < QBLOCK; i++) dot += quant_value(q, q4, i) * x[b * QBLOCK + i];
+            total += half_to_float(d[b]) * dot + (q4 ? half_to_float(mn[b]) * xsum[b] : 0.0f);
+        }
+#endif
+        store(j, m, n, total);
+    }
+}
+
+static void q8_range(const void *arg, int begin, int end) {
+    for (int n = begin; n < end; n++) quant_row(arg, n, 0);
+}
+
+static void q4_range(const void *arg, int begin, int end) {
+    for (int n = begin; n < end; n++) quant_row(arg, n, 1);
+}
+
+/* Widen a packed [N, K] matrix to float32 (for PyTorch's GEMM on many rows); exactly
+ * d * q (+ m) per value, as the products above use it. */
+typedef struct { int fmt, K; const void *w; const uint16_t *d, *mn; float *out; } widen_t;
+
+static void widen_range(const void *arg, int begin, int end) {
+    const widen_t *j = arg;
+    int K = j->K, blocks = K / QBLOCK, q4 = j->fmt == FMT_Q4_1, bb = q4 ? 16 : 32;
+    for (int n = begin; n < end; n++) {
+        float *out = j->out + (long)n * K;
+        if (j->fmt == FMT_BF16) {
+            const uint16_t *w = (const uint16_t *)j->w + (long)n * K;
+            int k = 0;
+#ifdef KV_AVX2
+            for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, load_bf16(w + k));
+#endif
+            for (; k < K; k++) out[k] = bf16_to_float(w[k]);
+            continue;
+        }
+        const uint8_t *w = (const uint8_t *)j->w + (long)n * blocks * bb;
+        for (int b = 0; b < blocks; b++) {
+            const uint8_t *q = w + (long)b * bb;
+            float scale = half_to_float(j->d[(long)n * blocks + b]);
+            float minimum = q4 ? half_to_float(j->mn[(long)n * blocks + b]) : 0.0f;
+#ifdef KV_AVX2
+            __m256 v[4], s = _mm256_set1_ps(scale), m = _mm256_set1_ps(minimum);
+            if (q4) widen_q4(q, v); else widen_q8(q, v);
+            for (int i = 0; i < 4; i++)  /* q * scale + minimum, rounded twice as PyTorch's dequantize */
+                _mm256_storeu_ps(out + b * QBLOCK + 8 * i, _mm256_add_ps(_mm256_mul_ps(v[i], s), m));
+#else
+            for (int i = 0; i < QBLOCK; i++) out[b * QBLOCK + i] = quant_value(q, q4, i) * scale + minimum;
+#endif
+        }
+    }
+}
+
+int kv_widen(int fmt, int N, int K, const void *w, const uint16_t *d, const uint16_t *mn, float *out,
+             int nthreads) {
+    if (fmt != FMT_BF16 && fmt != FMT_Q8_0 && fmt != FMT_Q4_1) return -1;
+    widen_t job = {fmt, K, w, d, mn, out};
+    parallel_for(widen_range, &job, N, 16, nthreads);
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The entry point. x is float32 [M, K] (K a multiple of 32 for Q8_0/Q4_1), y float32 [M, N].
+ * Returns 0, or -1 for an unknown format.
+ */
+range_fn kv_range_fn(int fmt) {
+    switch (fmt) {
+    case FMT_F32: return f32_range;
+    case FMT_BF16: return bf16_range;
+    case FMT_Q8_0: return q8_range;
+    case FMT_Q4_1: return q4_range;
+    default: return NULL;
+    }
+}
+
+void kv_block_sums(const float *x, int M, int K, float *out) {
+    int blocks = K / QBLOCK;
+    for (int m = 0; m < M; m++)
+        for (int b = 0; b < blocks; b++) {
+            float s = 0.0f;
+            for (int i = 0; i < QBLOCK; i++) s += x[(long)m * K + b * QBLOCK + i];
+            out[m * blocks + b] = s;
+        }
+}
+
+int kv_matmul(int fmt, int M, int N, int K, const float *x, const void *w, const uint16_t *d,
+              const uint16_t *mn, const float *bias, float *y, int nthreads) {
+    range_fn fn = kv_range_fn(fmt);
+    if (fn == NULL) return -1;
+    float xsum[fmt == FMT_Q4_1 ? M * (K / QBLOCK) + 1 : 1];
+    if (fmt == FMT_Q4_1) kv_block_sums(x, M, K, xsum);
+    job_t job = {fmt, M, N, K, x, xsum, w, d, mn, bias, y};
+    /* below ~64k multiply-adds a second thread costs more than it saves */
+    if ((long)M * N * K < 65536) nthreads = 1;
+    parallel_for(fn, &job, N, 4 * ROWS, nthreads);
+    return 0;
+}

@@ -1,0 +1,97 @@
+"""A llama-family decode step as one call into ``kvcache.kernels`` (decode.c), when it applies.
+
+The PyTorch forward of one SmolLM2 decode step runs ~40 operators per layer at 5-10 us of dispatch
+each: ~20 ms a token, as much as reading the weights. :class:`FusedDecode` hands the whole stack
+of layers to one C function instead: per step Python computes the embeddings and RoPE tables,
+passes the plan's slot mappings, block tables and lengths, and gets the last hidden states back.
+
+It applies when every sequence of the step decodes one token, there are at most
+``MAX_SEQUENCES`` of them (more rows go to PyTorch's GEMM), the model computes in float32 on the
+CPU with the paged attention, the kernels are built, and every layer's cache keeps plain float32 or
+bfloat16 keys and values. Anything else takes the PyTorch path, which computes the same function
+(the tests hold the two together).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Sequence
+
+import torch
+
+from kvcache import kernels
+from kvcache.cache.storage import LayerCache
+from kvcache.models.attention import AttentionMetadata, paged_attention
+from kvcache.models.packed import PackedLinear
+
+MAX_SEQUENCES = 8
+
+
+def _weight(linear: PackedLinear) -> kernels.Weight:
+    ptr = (lambda t: None if t is None else t.data_ptr())
+    return kernels.Weight(kernels.FORMAT_CODES[linear.fmt], linear.out_features, linear.in_features,
+                          linear.data.data_ptr(), ptr(linear.scale), ptr(linear.minimum), ptr(linear.bias))
+
+
+class FusedDecode:
+    """The C structures describing one model over one set of layer caches, built once and reused."""
+
+    def __init__(self, model, caches: Sequence[LayerCache]) -> None:
+        config = model.config
+        self.caches = caches  # kept alive: the structures point into their tensors
+        layers = (kernels.Layer * config.num_layers)()
+        planes = [c.plain_tensors() for c in caches]
+        for i, (layer, cache, kv) in enumerate(zip(model.layers, caches, planes)):
+            attn, mlp = layer.self_attn, layer.mlp
+            layers[i] = kernels.Layer(layer.input_layernorm.weight.data_ptr(),
+                                      layer.post_attention_layernorm.weight.data_ptr(),
+                                      _weight(attn.qkv_proj), _weight(attn.o_proj), _weight(mlp.gate_up_proj),
+                                      _weight(mlp.down_proj), kv[0].data_ptr(), kv[1].data_ptr(), cache.group_id,
+                                      config.window_of(i) or 0)
+        keys = planes[0][0]  # [kv_heads, num_blocks, block_size, head_dim]
+        self.layers = layers
+        self.model = kernels.Model(config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads,
+                                   config.head_dim, config.intermediate_size, int(keys.dtype == torch.bfloat16),
+                                   keys.shape[1], keys.shape[2], config.rms_norm_eps, model.layers[0].self_attn.scale,
+                                   layers)
+
+    @staticmethod
+    def supports(model, caches: Sequence[LayerCache]) -> bool:
+        """Whether this model and these caches can take the fused path at all (per-step conditions
+        are checked in :func:`fused_decode`)."""
+        if kernels.library() is None or not all(isinstance(m, PackedLinear) for layer in model.layers
+                                                for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                          layer.mlp.gate_up_proj, layer.mlp.down_proj)):
+            return False
+        planes = [c.plain_tensors() for c in caches]
+        return (all(p is not None and p[0].device.type == "cpu" for p in planes)
+                and len({(p[0].dtype, p[0].shape) for p in planes}) == 1
+                and model.norm.weight.dtype == torch.float32 and model.norm.weight.device.type == "cpu")
+
+    def run(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
+            metas: Sequence[AttentionMetadata]) -> torch.Tensor:
+        """h [n, hidden] float32 embeddings -> the last layer's output [n, hidden] (in place)."""
+        n = h.shape[0]
+        cos, sin = (t.reshape(n, -1).contiguous() for t in cos_sin)  # [n, head_dim]
+        keep = []  # the plan's tensors live until the call returns
+        plans = (kernels.GroupPlan * len(metas))()
+        for g, meta in enumerate(metas):
+            tables = meta.block_tables.contiguous()
+            lens = torch.tensor(meta.seq_lens, dtype=torch.int32)
+            keep += [tables, lens]
+            plans[g] = kernels.GroupPlan(meta.slot_mapping.data_ptr(), tables.data_ptr(), lens.data_ptr(),
+                                         tables.shape[1])
+        h = h.contiguous()
+        status = kernels.library().kv_llama_decode(ctypes.byref(self.model), n, h.data_ptr(), cos.data_ptr(),
+                                                   sin.data_ptr(), plans, torch.get_num_threads())
+        if status != 0:
+            raise RuntimeError(f"the fused decode kernel failed (status {status})")
+        return h
+
+
+def applies(model, h: torch.Tensor, metas: Sequence[AttentionMetadata]) -> bool:
+    """Whether this step can run fused: decodes only, few of them, float32 on the CPU, paged attention."""
+    meta = metas[0]
+    n = len(meta.query_lens)
+    return (model.attention_fn is paged_attention and h.dtype == torch.float32 and h.device.type == "cpu"
+            and 0 < n <= MAX_SEQUENCES and all(m.num_decodes == n for m in metas))

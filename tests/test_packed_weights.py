@@ -1,0 +1,193 @@
+"""Weights kept in their storage format (issue 12): the formats, the C kernels against PyTorch, GGUF
+blocks taken as they are, the fused decode against the PyTorch forward, and the options."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from kvcache import kernels
+from kvcache.config import ModelConfig, SamplingParams, parse_weights_dtype
+from kvcache.engine.engine import LLMEngine, build_model, resolve_dtype
+from kvcache.models import fused_decode
+from kvcache.models.loader import LoadedModel, native_blocks
+from kvcache.models.packed import (WEIGHT_FORMATS, PackedWeight, dequantize, matmul, prepare_weights, quantize,
+                                   weight_format)
+from tiny_models import byte_tokenizer
+
+needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler here: the PyTorch path only")
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Make every caller take its PyTorch path, as on a machine without a C compiler."""
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setattr(kernels, "_tried", True)
+
+
+# --- the formats ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1"])
+@pytest.mark.parametrize("data", ["normal", "outliers"])
+def test_quantization_error_is_at_most_half_a_step(fmt, data):
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(64, 256, generator=gen)
+    if data == "outliers":
+        w[:, 7] *= 40  # one outlier channel, as real weights have
+    packed = quantize(w, fmt)
+    err = (dequantize(packed) - w).abs().reshape(64, -1, 32)
+    step = packed.scale.float().unsqueeze(-1)
+    # half a step, plus the fp16 rounding of the scale (and minimum) carried over 15 or 127 steps
+    assert (err <= step * 0.5 + w.abs().reshape(64, -1, 32).amax(-1, keepdim=True) * 2e-3).all()
+    assert packed.nbytes == {"q8_0": 64 * 256 + 64 * 8 * 2, "q4_1": 64 * 128 + 2 * 64 * 8 * 2}[fmt]
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_blocks_are_taken_exactly(kind):
+    from gguf import GGMLQuantizationType as T
+    from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
+
+    rows = np.random.default_rng(0).standard_normal((12, 96)).astype(np.float32)
+    blocks = gguf_quantize(rows, T[kind])
+
+    class Tensor:  # what GGUFReader hands out: the raw blocks and their type
+        data, tensor_type = blocks, T[kind]
+    packed = native_blocks(Tensor)
+    assert packed.fmt == ("q8_0" if kind == "Q8_0" else "q4_1")
+    assert torch.equal(dequantize(packed), torch.from_numpy(gguf_dequantize(blocks, T[kind])))
+
+
+@pytest.mark.parametrize("fmt", WEIGHT_FORMATS)
+@pytest.mark.parametrize("rows", [1, 2, 5, 16, 40])
+def test_kernel_equals_pytorch(fmt, rows, monkeypatch):
+    gen = torch.Generator().manual_seed(rows)
+    w, x, bias = torch.randn(577, 96, generator=gen), torch.randn(rows, 96, generator=gen), torch.randn(577, generator=gen)
+    packed = quantize(w, fmt)
+    exact = x.double() @ dequantize(packed).double().T + bias.double()
+    ours = matmul(x, packed, bias)
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setattr(kernels, "_tried", True)
+    plain = matmul(x, packed, bias)
+    for y in (ours, plain):
+        assert y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), exact, atol=1e-4, rtol=1e-5)
+
+
+def test_weight_format_rules():
+    layer = "model.layers.3.mlp.down_proj.weight"
+    assert weight_format(layer, "q4_1", "auto", "float32") == "q4_1"  # the file's own blocks
+    assert weight_format(layer, None, "auto", "bfloat16") == "bfloat16"
+    assert weight_format(layer, "q4_1", "int8", "float32") == "q8_0"
+    assert weight_format("model.embed_tokens.weight", None, "int4", "float32") == "q8_0"  # vocab stays 8-bit
+    assert weight_format("model.embed_tokens.weight", None, "auto", "float32") is None  # a plain tensor
+    assert weight_format("model.layers.3.input_layernorm.weight", None, "int4", "float32") is None
+    with pytest.raises(ValueError, match="int3"):
+        parse_weights_dtype("int3")
+    with pytest.raises(ValueError, match="blocks of 32"):
+        prepare_weights({layer: torch.zeros(8, 40)}, "int8", "float32")
+
+
+def test_auto_dtype_follows_the_cpu():
+    assert resolve_dtype("auto") == ("bfloat16" if kernels.native_bf16() else "float32")
+    assert resolve_dtype("fp32") == "float32"
+
+
+# --- whole models -----------------------------------------------------------------------------
+
+def _tiny(window=None, **extra) -> LoadedModel:
+    config = ModelConfig.from_hf_config(dict(
+        model_type="mistral" if window else "llama", vocab_size=256, hidden_size=96, intermediate_size=160,
+        num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, sliding_window=window, **extra))
+    gen = torch.Generator().manual_seed(7)
+    shapes = {"model.embed_tokens.weight": (256, 96), "model.norm.weight": (96,)}
+    for i in range(3):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (96, 96), p + "self_attn.k_proj.weight": (32, 96),
+                   p + "self_attn.v_proj.weight": (32, 96), p + "self_attn.o_proj.weight": (96, 96),
+                   p + "mlp.gate_proj.weight": (160, 96), p + "mlp.up_proj.weight": (160, 96),
+                   p + "mlp.down_proj.weight": (96, 160), p + "input_layernorm.weight": (96,),
+                   p + "post_attention_layernorm.weight": (96,)}
+    weights = {n: (1 + 0.1 * torch.randn(s, generator=gen)) if len(s) == 1 else 0.15 * torch.randn(s, generator=gen)
+               for n, s in shapes.items()}
+    return LoadedModel(config, weights, byte_tokenizer(), "tiny")
+
+
+def _decode_logits(loaded, weights_dtype, fused=True, kv_cache_dtype="auto", monkeypatch=None):
+    """Three prompts of different lengths decoded together; every sampled step's logits."""
+    from tiny_models import run_recording_logits
+    if not fused:
+        monkeypatch.setattr(fused_decode, "MAX_SEQUENCES", 0)
+    engine = LLMEngine(loaded=loaded, weights_dtype=weights_dtype, kv_cache_dtype=kv_cache_dtype, block_size=4,
+                       num_blocks=128)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 23, 11)]
+    out = run_recording_logits(engine, prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    monkeypatch and monkeypatch.setattr(fused_decode, "MAX_SEQUENCES", 8)
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("weights_dtype", ["float32", "bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("kv", ["auto", "bfloat16"])
+@pytest.mark.parametrize("window", [None, 9])
+def test_fused_decode_equals_the_pytorch_forward(weights_dtype, kv, window, monkeypatch):
+    loaded = _tiny(window)
+    fused = _decode_logits(loaded, weights_dtype, True, kv)
+    plain = _decode_logits(loaded, weights_dtype, False, kv, monkeypatch)
+    atol = 2e-4
+    if kv == "bfloat16":
+        # float32 keys that differ in the last bit (the paths sum in different orders) can round to
+        # neighbouring bfloat16 values, 2^-8 apart: the paths must agree well within what the bf16
+        # cache itself changes against a float32 one
+        exact = _decode_logits(loaded, weights_dtype, False, "float32", monkeypatch)
+        format_error = max((b[1] - e[1]).abs().max().item() for b, e in zip(plain, exact))
+        atol = 2e-4 + 0.25 * format_error
+    for (tokens_a, logits_a), (tokens_b, logits_b) in zip(fused, plain):
+        assert tokens_a == tokens_b
+        torch.testing.assert_close(logits_a, logits_b, atol=atol, rtol=1e-4)
+
+
+def test_fused_decode_is_taken_for_decodes(monkeypatch):
+    if kernels.library() is None:
+        pytest.skip("no C compiler here")
+    calls = []
+    run = fused_decode.FusedDecode.run
+    monkeypatch.setattr(fused_decode.FusedDecode, "run", lambda self, *a: calls.append(a[0].shape[0]) or run(self, *a))
+    _decode_logits(_tiny(), "int4")
+    assert calls and max(calls) == 3  # the three prompts' decodes, together
+
+
+@pytest.mark.parametrize("weights_dtype", ["int8", "int4", "bfloat16"])
+def test_packed_model_equals_its_dequantized_float_twin(weights_dtype):
+    """int8/int4/bf16 weights are another model; it must be exactly the float32 model of the same
+    (dequantized) values, through prefill and decode."""
+    loaded = _tiny()
+    as_packed = prepare_weights(loaded.weights, weights_dtype, "float32")
+    twin = {k: dequantize(v) if isinstance(v, PackedWeight) else v for k, v in as_packed.items()}
+    a = _decode_logits(LoadedModel(loaded.config, as_packed, loaded.tokenizer, "packed"), "auto")
+    b = _decode_logits(LoadedModel(loaded.config, twin, loaded.tokenizer, "twin"), "float32")
+    for (tokens_a, logits_a), (tokens_b, logits_b) in zip(a, b):
+        assert tokens_a == tokens_b
+        torch.testing.assert_close(logits_a, logits_b, atol=2e-4, rtol=1e-4)
+    held = build_model(loaded, "float32", torch.device("cpu"), weights_dtype).weight_bytes()
+    assert held < build_model(loaded, "float32", torch.device("cpu"), "float32").weight_bytes()
+
+
+def test_engine_runs_without_the_kernels(torch_only):
+    out = _decode_logits(_tiny(), "int4")
+    assert all(len(tokens) == 12 for tokens, _ in out)
+
+
+# --- options ----------------------------------------------------------------------------------
+
+def test_bad_weights_dtype_is_one_sentence():
+    r = subprocess.run([sys.executable, "-m", "kvcache", "generate", "hi", "--weights-dtype", "int3"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "int3" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(ValueError, match="weights dtype"):
+        LLMEngine(loaded=_tiny(), weights_dtype="int3", num_blocks=8)
