@@ -27,7 +27,7 @@ def complete(server: LiveServer, prompt: str) -> dict:
 
 def tier_metric(server: LiveServer, name: str, tier: str) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
-    match = re.search(rf'^kvcache_kv_offload_{name}{{tier="{tier}"}} ([0-9.e+-]+)$', text, re.M)
+    match = re.search(rf'^kvcache_kv_offload_{name}_total{{tier="{tier}"}} ([0-9.e+-]+)$', text, re.M)
     assert match, f"kvcache_kv_offload_{name} for {tier} missing from /metrics"
     return float(match.group(1))
 

@@ -20,7 +20,7 @@ from kvcache.config import (CacheConfig, SamplingParams, SchedulerConfig, Specul
                             parse_model_dtype, parse_weights_dtype, speculative_config)
 from kvcache.engine.detokenizer import IncrementalDetokenizer
 from kvcache.engine.draft_model import DraftModelDrafter, load_draft_model
-from kvcache.engine.offload import EngineOffload, kv_fingerprint, weights_identity
+from kvcache.engine.offload import EngineOffload, assumed_seconds_per_token, kv_fingerprint, weights_identity
 from kvcache.engine.request import Request, RequestStatus
 from kvcache.engine.scheduler import Scheduler
 from kvcache.engine.spec_gate import SpeculationGate
@@ -337,7 +337,9 @@ class LLMEngine:
         # the weights as this engine runs them: their storage format (float32, Q8_0...) changes the KV too
         weights_id = weights_identity(self.model.state_dict())
         fingerprint = kv_fingerprint(weights_id, loaded.config, f"{self.dtype}|{self.weight_formats}", self.storage)
-        offload = EngineOffload(config, fingerprint, self.storage, self.pool, self.kv)
+        num_params = sum(t.numel() for t in loaded.weights.values())
+        offload = EngineOffload(config, fingerprint, self.storage, self.pool, self.kv,
+                                assumed_seconds_per_token(num_params))
         self.runner.on_evicted = offload.save_evicted
         return offload
 

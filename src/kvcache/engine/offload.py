@@ -23,6 +23,13 @@ from kvcache.runtime.plan import SchedulerOutput
 
 FINGERPRINT_VERSION = b"kvcache-offload-1"
 WEIGHT_SAMPLES = 64  # values read from each weight tensor for its identity
+ASSUMED_FLOPS = 100e9  # a CPU's prefill speed (FLOP/s), assumed until the engine has timed its own steps
+
+
+def assumed_seconds_per_token(num_params: int) -> float:
+    """What prefilling one token costs before the engine has measured it: 2 FLOPs per weight at
+    ASSUMED_FLOPS (SmolLM2-135M: 2.7 ms; an idle 2-core AVX-512 machine does about 1 ms)."""
+    return 2 * num_params / ASSUMED_FLOPS
 
 
 def weights_identity(weights: Mapping[str, torch.Tensor]) -> bytes:
@@ -58,8 +65,9 @@ class EngineOffload:
     """Wires a :class:`TieredStore` to one engine's pool, kv manager, storage and runner."""
 
     def __init__(self, config: OffloadConfig, fingerprint: bytes, storage: KVCache, pool: BlockPool,
-                 kv: KVCacheManager) -> None:
+                 kv: KVCacheManager, seconds_per_token: float) -> None:
         self.store = TieredStore.from_config(config, fingerprint, storage.block_nbytes)
+        self.store.seconds_per_token = seconds_per_token  # until the engine's own steps are timed
         self.storage = storage
         self.pool = pool
         pool.record_evictions = self.store.wants_evicted
