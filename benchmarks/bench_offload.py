@@ -111,10 +111,12 @@ def part1(loaded, args) -> None:
     folder = Path(tempfile.mkdtemp(prefix="kvcache-bench-disk-"))
     redis = RedisServer(maxmemory="2gb")
     rows: dict[str, list[tuple[float, int, Clock]]] = {}
+    formats: set[str] = set()
 
     def case(name: str, spec: str | None, prepare=None) -> None:
         for _ in range(args.repeats):
             engine = LLMEngine(loaded=loaded, num_blocks=pool, kv_offload=spec)
+            formats.add(f"model {engine.dtype}, weights {engine.weight_formats}, KV {engine.kv_cache_dtype}")
             clock = Clock()
             if prepare:
                 prepare(engine)
@@ -137,13 +139,13 @@ def part1(loaded, args) -> None:
     finally:
         redis.kill()
         shutil.rmtree(folder, ignore_errors=True)
-    report_part1(rows, len(prompt), loaded)
+    report_part1(rows, len(prompt), ", ".join(sorted(formats)))
 
 
-def report_part1(rows, prompt_tokens: int, loaded) -> None:
+def report_part1(rows, prompt_tokens: int, formats: str) -> None:
     base = statistics.median(r[0] for r in rows["(a) computed"])
-    print(f"\nTTFT, SmolLM2-135M float32, a {prompt_tokens}-token prompt (document + question), median of "
-          f"{len(rows['(a) computed'])}; the time split is the median run's")
+    print(f"\nTTFT, SmolLM2-135M ({formats}), a {prompt_tokens}-token prompt (document + question), median "
+          f"of {len(rows['(a) computed'])}; the time split is the median run's")
     print("| prefix | TTFT (s) | vs computed | cached tokens | tier reads (s) | checks (s) | copy in (s) "
           "| write-back (s) | rest (s) |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -142,7 +142,7 @@ def test_another_world_finds_nothing(smollm_engine_factory, tmp_path):
 def test_weights_identity_changes_with_any_checkpoint(smollm):
     weights = dict(smollm.weights)
     base = weights_identity(weights)
-    name = sorted(weights)[len(weights) // 2]
+    name = next(n for n in sorted(weights) if isinstance(weights[n], torch.Tensor) and "norm" in n)
     weights[name] = weights[name] * 1.001  # a fine-tune moves every value a little
     assert weights_identity(weights) != base and weights_identity(smollm.weights) == base
 

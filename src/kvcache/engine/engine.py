@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
@@ -337,7 +338,7 @@ class LLMEngine:
         # the weights as this engine runs them: their storage format (float32, Q8_0...) changes the KV too
         weights_id = weights_identity(self.model.state_dict())
         fingerprint = kv_fingerprint(weights_id, loaded.config, f"{self.dtype}|{self.weight_formats}", self.storage)
-        num_params = sum(t.numel() for t in loaded.weights.values())
+        num_params = sum(math.prod(w.shape) for w in loaded.weights.values())  # tensors or packed weights
         offload = EngineOffload(config, fingerprint, self.storage, self.pool, self.kv,
                                 assumed_seconds_per_token(num_params))
         self.runner.on_evicted = offload.save_evicted

@@ -32,20 +32,22 @@ def assumed_seconds_per_token(num_params: int) -> float:
     return 2 * num_params / ASSUMED_FLOPS
 
 
-def weights_identity(weights: Mapping[str, torch.Tensor]) -> bytes:
-    """A digest of the weights: every tensor's name, shape and dtype, and 64 values spread over it.
+def weights_identity(weights: Mapping[str, Any]) -> bytes:
+    """A digest of the weights: every tensor's name, shape and dtype, and 64 values spread over it
+    (a packed weight: each of its planes, codes and scales).
 
     Cheap (no pass over all the weights), and enough to tell two checkpoints apart: fine-tuning or
     quantizing changes nearly every value, so it changes sampled ones.
     """
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(weights):
-        t = weights[name].detach()
-        flat = t.reshape(-1)
-        step = max(1, flat.numel() // WEIGHT_SAMPLES)
-        sample = flat[::step][:WEIGHT_SAMPLES].to("cpu", torch.float32).contiguous()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(sample.numpy().tobytes())
+        value = weights[name]
+        for i, t in enumerate(value.planes() if hasattr(value, "planes") else (value,)):
+            flat = t.detach().reshape(-1)
+            step = max(1, flat.numel() // WEIGHT_SAMPLES)
+            sample = flat[::step][:WEIGHT_SAMPLES].to("cpu", torch.float32).contiguous()
+            h.update(f"{name}|{i}|{tuple(t.shape)}|{t.dtype}|".encode())
+            h.update(sample.numpy().tobytes())
     return h.digest()
 
 
