@@ -17,7 +17,13 @@ from kvcache.engine.offload import weights_identity
 
 pytestmark = pytest.mark.slow
 DOC = " ".join(f"Note {i}: the lighthouse keeper logged {i * 7 % 13} ships and {i * 5 % 11} storms." for i in range(24))
-QUESTIONS = [" Question: how many ships in note 3? Answer:", " Question: what did the keeper log? Answer:"]
+# questions of more than 16 tokens: the tail a prefix hit leaves is computed by the same prefill path as
+# the whole prompt (main's fused step takes chunks of up to 16 tokens, and with fp8 keys its rounding
+# alone changes greedy output after a pool hit too; that is not the tiers' doing)
+QUESTIONS = [" Question: how many ships did the keeper log in note 3, and how many storms were there in that same note?"
+             " Answer:",
+             " Question: summarize what the lighthouse keeper wrote down in his notes about the ships and the storms."
+             " Answer:"]
 FILLER_TEXT = " ".join(f"Unrelated line {i} about gardening, soil and seeds." for i in range(200))
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
@@ -106,6 +112,7 @@ def test_salted_blocks_never_reach_another_tenant_through_any_tier(smollm, smoll
                                                                    tmp_path):
     make = smollm_engine_factory
     prompt = DOC + QUESTIONS[1]
+    redis_server.client.flushall()  # other tests stored the unsalted document there
     engine = small_pool(make, smollm.tokenizer, kv_offload=f"host:1GB,disk:{tmp_path}:1GB,{redis_server.url}")
     generate(engine, DOC + QUESTIONS[0], salt="alice")
     generate(engine, filler(engine))  # alice's blocks go down to host memory (and were written through)
