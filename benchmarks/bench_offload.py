@@ -39,7 +39,7 @@ from kvcache.models.loader import load_model
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from redis_server import RedisServer  # noqa: E402  (the tests' real redis-server on a free port)
 
-QUESTION = "\nQuestion: what does the text above say about memory? Answer briefly.\nAnswer:"
+QUESTION = "\n[{}] Question: what does the text above say about memory? Answer briefly.\nAnswer:"
 GREEDY = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
 
@@ -81,10 +81,10 @@ def ttft(engine: LLMEngine, prompt: list[int]) -> tuple[float, int]:
     raise RuntimeError("no output")
 
 
-def writer_process(spec: str, doc: list[int], pool_blocks: int) -> None:
+def writer_process(spec: str, doc: list[int], pool_blocks: int, weights_dtype: str) -> None:
     """Another process computes the document with these tiers and exits (its queues are flushed)."""
     code = ("import sys, json; from kvcache import LLM, SamplingParams\n"
-            f"llm = LLM(num_blocks={pool_blocks}, kv_offload={spec!r})\n"
+            f"llm = LLM(num_blocks={pool_blocks}, kv_offload={spec!r}, weights_dtype={weights_dtype!r})\n"
             f"llm.generate([{doc!r}], SamplingParams(max_tokens=1, temperature=0))\n"
             "llm.close(); print(json.dumps(llm.stats()['kv_offload']))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -102,8 +102,11 @@ def drop_page_cache(folder: Path) -> None:
 
 def part1(loaded, args) -> None:
     doc = prompt_ids(loaded.tokenizer, args.doc_tokens)
-    question = loaded.tokenizer.encode(QUESTION, add_special_tokens=False)
-    prompt = doc + question
+    runs = iter(range(1000))
+
+    def question() -> list[int]:  # each run its own (a run's question blocks are written through too)
+        return loaded.tokenizer.encode(QUESTION.format(next(runs)), add_special_tokens=False)
+    prompt = doc + question()
     bs = 16
     pool = -(-(len(prompt) + 1) // bs) + 4
     filler = prompt_ids(loaded.tokenizer, (pool - 1) * bs - 1)
@@ -115,23 +118,23 @@ def part1(loaded, args) -> None:
 
     def case(name: str, spec: str | None, prepare=None) -> None:
         for _ in range(args.repeats):
-            engine = LLMEngine(loaded=loaded, num_blocks=pool, kv_offload=spec)
+            engine = LLMEngine(loaded=loaded, num_blocks=pool, kv_offload=spec, weights_dtype=args.weights_dtype)
             formats.add(f"model {engine.dtype}, weights {engine.weight_formats}, KV {engine.kv_cache_dtype}")
             clock = Clock()
             if prepare:
                 prepare(engine)
             if spec:
                 clock.install(engine)
-            seconds, cached = ttft(engine, prompt)
+            seconds, cached = ttft(engine, doc + question())
             tiers.decode_payload = ORIGINAL_DECODE
             rows.setdefault(name, []).append((seconds, cached, clock))
             engine.close()
 
     try:
         case("(a) computed", None)
-        case("(b) in the pool", None, lambda e: ttft(e, doc + [question[0]]))
-        case("(c) in host memory", "host:2GB", lambda e: (ttft(e, doc + [question[0]]), ttft(e, filler)))
-        writer_process(f"disk:{folder}:4GB,{redis.url}", doc, pool)
+        case("(b) in the pool", None, lambda e: ttft(e, doc + question()))
+        case("(c) in host memory", "host:2GB", lambda e: (ttft(e, doc + question()), ttft(e, filler)))
+        writer_process(f"disk:{folder}:4GB,{redis.url}", doc, pool, args.weights_dtype)
         disk = f"disk:{folder}:4GB"
         case("(d) on disk, after a restart (cold)", disk, lambda e: drop_page_cache(folder))
         case("(d) on disk, after a restart (page cache)", disk)
@@ -173,7 +176,7 @@ def part2(loaded, args) -> None:
     print("| tiers | wall (s) | tokens/s (prompt + output) | prompt tokens | recomputed | host hits (blocks) |")
     print("|---|---|---|---|---|---|")
     for spec in (None, f"host:{args.host_budget}"):
-        engine = LLMEngine(loaded=loaded, num_blocks=pool, kv_offload=spec)
+        engine = LLMEngine(loaded=loaded, num_blocks=pool, kv_offload=spec, weights_dtype=args.weights_dtype)
         params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
         start, pending, prompt_tokens, cached = time.perf_counter(), list(order), 0, 0
         while pending or engine.has_unfinished_requests():
@@ -202,6 +205,8 @@ def main() -> None:
     parser.add_argument("--doc-tokens-b", type=int, default=512)
     parser.add_argument("--pool-docs", type=int, default=8)
     parser.add_argument("--host-budget", default="2GB")
+    parser.add_argument("--weights-dtype", default="float32",
+                        help="weights as the engine holds them (default float32: SmolLM2 float32 throughout)")
     parser.add_argument("--skip-part2", action="store_true")
     args = parser.parse_args()
     import torch
