@@ -6,7 +6,7 @@
     python benchmarks/bench_spec.py chat [--k 4]
 
 batch1: one request at a time over the 21 input-grounded prompts (benchmarks/spec_workload.py), greedy,
-float32. Every system is timed from the outside the same way: generating 1 token gives the prefill time,
+float32 weights and activations on every side. Every system is timed from the outside the same way: generating 1 token gives the prefill time,
 generating up to --max-tokens (stopping at EOS) minus that gives the decode time of the other tokens;
 decode tokens/s = all prompts' decode tokens / all prompts' decode time. Our prefix cache is off, and
 llama.cpp's context is reset before every call, so no system reuses a prompt's KV between the calls.
@@ -52,7 +52,8 @@ class Ours:
     def __init__(self, loaded, k: int | None, ngram_min: int, draft: str | None = None) -> None:
         method = "draft" if draft else "ngram"
         spec = SpeculativeConfig(method, k, draft_model=draft, ngram_min=ngram_min) if k else None
-        self.engine = LLMEngine(loaded=loaded, num_blocks=512, enable_prefix_caching=False, speculative=spec)
+        self.engine = LLMEngine(loaded=loaded, num_blocks=512, enable_prefix_caching=False, speculative=spec,
+                                weights_dtype="float32")  # the peers' weights: F32
         self.name = f"kvcache {method} k={k}" if k else "kvcache (no speculation)"
 
     def generate(self, ids: list[int], max_tokens: int) -> list[int]:
@@ -136,7 +137,7 @@ def concurrent(loaded, prompts, k: int | None, max_tokens: int, ngram_min: int, 
     """Every prompt at once: output tokens/s from the first add to the last finish. ``adaptive``:
     the engine's speculation gate picks whose drafts to verify; otherwise every draft is."""
     spec = SpeculativeConfig("ngram", k, ngram_min=ngram_min, adaptive=adaptive) if k else None
-    engine = LLMEngine(loaded=loaded, num_blocks=4096, speculative=spec,
+    engine = LLMEngine(loaded=loaded, num_blocks=4096, speculative=spec, weights_dtype="float32",
                        scheduler_config=SchedulerConfig(max_num_seqs=len(prompts), max_num_batched_tokens=8192))
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     start = time.perf_counter()

@@ -8,7 +8,8 @@ sigma 0.8), outputs ~ lognormal(median 64, sigma 0.7), both clipped to [8, 512],
 output length. Reported: output tokens/s over the whole run, time to first token (TTFT) and time per
 output token (TPOT) percentiles.
 
-* ours: LLMEngine, continuous batching, up to --max-seqs sequences, paged KV pool of --kv-tokens tokens.
+* ours: LLMEngine, continuous batching, up to --max-seqs sequences, paged KV pool of --kv-tokens tokens,
+  the weights in the same float type as the peers (--weights-dtype float32 / bfloat16).
 * HF: transformers' generate in static batches, in arrival order; a batch starts when its last
   request has arrived and the previous batch is done, and returns when its longest request is done.
   The batch size is the best of 8/16/32/64 on a probe run.
@@ -57,7 +58,7 @@ def summarize(name: str, done: dict, requests, wall: float) -> dict:
 
 
 def run_ours(loaded, dtype: str, requests, kv_tokens: int, max_seqs: int) -> dict:
-    engine = LLMEngine(loaded=loaded, dtype=dtype, num_blocks=kv_tokens // 16,
+    engine = LLMEngine(loaded=loaded, dtype=dtype, weights_dtype=dtype, num_blocks=kv_tokens // 16,
                        scheduler_config=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=1024))
     engine.step()  # nothing queued: warms nothing, allocates nothing, returns at once
     pending = sorted(requests, key=lambda r: r[3])

@@ -85,15 +85,23 @@ def test_weight_format_rules():
     assert weight_format("model.embed_tokens.weight", None, "int4", "float32") == "q8_0"  # vocab stays 8-bit
     assert weight_format("model.embed_tokens.weight", None, "auto", "float32") is None  # a plain tensor
     assert weight_format("model.layers.3.input_layernorm.weight", None, "int4", "float32") is None
+    bf16 = prepare_weights({layer: torch.zeros(8, 64, dtype=torch.bfloat16)}, "auto", "float32")[layer]
+    assert bf16.fmt == "bfloat16"  # a file's bfloat16 weights stay bfloat16 under auto
     with pytest.raises(ValueError, match="int3"):
         parse_weights_dtype("int3")
     with pytest.raises(ValueError, match="blocks of 32"):
         prepare_weights({layer: torch.zeros(8, 40)}, "int8", "float32")
 
 
-def test_auto_dtype_follows_the_cpu():
+def test_auto_dtype_follows_the_cpu(torch_only):
+    # without the kernels: bfloat16 where the CPU multiplies it natively
     assert resolve_dtype("auto") == ("bfloat16" if kernels.native_bf16() else "float32")
     assert resolve_dtype("fp32") == "float32"
+
+
+@needs_kernels
+def test_auto_dtype_is_float32_where_the_fused_decode_runs():
+    assert resolve_dtype("auto") == "float32"
 
 
 # --- whole models -----------------------------------------------------------------------------
@@ -117,17 +125,19 @@ def _tiny(window=None, **extra) -> LoadedModel:
     return LoadedModel(config, weights, byte_tokenizer(), "tiny")
 
 
-def _decode_logits(loaded, weights_dtype, fused=True, kv_cache_dtype="auto", monkeypatch=None):
+def _decode_logits(loaded, weights_dtype, fused=True, kv_cache_dtype="auto", monkeypatch=None, **engine_kwargs):
     """Three prompts of different lengths decoded together; every sampled step's logits."""
     from tiny_models import run_recording_logits
     if not fused:
-        monkeypatch.setattr(fused_decode, "MAX_SEQUENCES", 0)
+        monkeypatch.setattr(fused_decode, "MAX_TOKENS", 0)
     engine = LLMEngine(loaded=loaded, weights_dtype=weights_dtype, kv_cache_dtype=kv_cache_dtype, block_size=4,
-                       num_blocks=128)
+                       num_blocks=128, **engine_kwargs)
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 23, 11)]
+    prompts[2][5:] = prompts[2][:6]  # a repeat for prompt lookup to draft from
     out = run_recording_logits(engine, prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
-    monkeypatch and monkeypatch.setattr(fused_decode, "MAX_SEQUENCES", 8)
+    if monkeypatch:
+        monkeypatch.undo()
     return out
 
 
@@ -162,6 +172,26 @@ def test_fused_decode_is_taken_for_decodes(monkeypatch):
     assert calls and max(calls) == 3  # the three prompts' decodes, together
 
 
+@needs_kernels
+@pytest.mark.parametrize("weights_dtype", ["float32", "int4"])
+def test_fused_prefill_chunks_and_verification_equal_the_pytorch_forward(weights_dtype, monkeypatch):
+    """Steps of several tokens per sequence (8-token prefill chunks; k = 3 drafts verified) run fused
+    too, each token seeing exactly its own prefix."""
+    from kvcache.config import SchedulerConfig
+    loaded = _tiny(9)
+    kwargs = dict(scheduler_config=SchedulerConfig(max_num_batched_tokens=8), speculative="ngram",
+                  num_speculative_tokens=3, adaptive_speculation=False)
+    calls = []
+    run = fused_decode.FusedDecode.run
+    monkeypatch.setattr(fused_decode.FusedDecode, "run", lambda self, *a: calls.append(a[0].shape[0]) or run(self, *a))
+    fused = _decode_logits(loaded, weights_dtype, True, **kwargs)
+    assert max(calls) == 8  # whole prefill chunks went through the kernel
+    plain = _decode_logits(loaded, weights_dtype, False, "auto", monkeypatch, **kwargs)
+    for (tokens_a, logits_a), (tokens_b, logits_b) in zip(fused, plain):
+        assert tokens_a == tokens_b
+        torch.testing.assert_close(logits_a, logits_b, atol=2e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("weights_dtype", ["int8", "int4", "bfloat16"])
 def test_packed_model_equals_its_dequantized_float_twin(weights_dtype):
     """int8/int4/bf16 weights are another model; it must be exactly the float32 model of the same
@@ -191,3 +221,39 @@ def test_bad_weights_dtype_is_one_sentence():
     assert r.returncode == 2 and "int3" in r.stderr and "Traceback" not in r.stderr
     with pytest.raises(ValueError, match="weights dtype"):
         LLMEngine(loaded=_tiny(), weights_dtype="int3", num_blocks=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights_dtype", ["auto", "float32", "bfloat16", "int8", "int4"])
+def test_size_plans_the_weight_bytes_the_engine_holds(weights_dtype, smollm_engine_factory):
+    """`kvcache size --model` reads the file's header and prints the bytes the engine then holds."""
+    import json
+
+    from kvcache.models.loader import default_model_path
+    engine = smollm_engine_factory(num_blocks=4, weights_dtype=weights_dtype, dtype="auto")  # as the CLI runs it
+    r = subprocess.run([sys.executable, "-m", "kvcache", "size", "--model", str(default_model_path()), "--json",
+                        "--weights-dtype", weights_dtype], capture_output=True, text=True, timeout=300)
+    planned = json.loads(r.stdout)
+    assert planned["weights_bytes"] == engine.stats()["weight_bytes"]
+    assert planned["weights_formats"] == engine.stats()["weights_dtype"]
+
+
+@needs_kernels
+def test_portable_build_computes_the_same(monkeypatch):
+    """The C paths a CPU without AVX2 takes (built without -march=native) give the same numbers."""
+    import ctypes
+    lib = kernels._bind(ctypes.CDLL(str(kernels._build(kernels._compiler(), native=False))))
+    monkeypatch.setattr(kernels, "_library", lib)
+    monkeypatch.setattr(kernels, "_tried", True)
+    gen = torch.Generator().manual_seed(5)
+    for fmt in WEIGHT_FORMATS:
+        packed = quantize(torch.randn(70, 96, generator=gen), fmt)
+        x = torch.randn(3, 96, generator=gen)
+        torch.testing.assert_close(matmul(x, packed).double(), x.double() @ dequantize(packed).double().T,
+                                   atol=1e-4, rtol=1e-5)
+    loaded = _tiny(9)
+    fused = _decode_logits(loaded, "int4", True)
+    plain = _decode_logits(loaded, "int4", False, "auto", monkeypatch)  # (undoes the patches when done)
+    for (tokens_a, logits_a), (tokens_b, logits_b) in zip(fused, plain):
+        assert tokens_a == tokens_b
+        torch.testing.assert_close(logits_a, logits_b, atol=2e-4, rtol=1e-4)

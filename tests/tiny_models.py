@@ -23,14 +23,15 @@ def byte_tokenizer() -> Tokenizer:
 def run_recording_logits(engine: LLMEngine, prompts: list[list[int]],
                          params: SamplingParams) -> list[tuple[list[int], torch.Tensor]]:
     """Run ``prompts`` together to the end; per prompt, (its output tokens, the logits the real
-    runner returned for each of its sampled steps [max_tokens, vocab]). The recording changes nothing."""
+    runner returned for each of its sampled steps [max_tokens, vocab], or for every row a step
+    verifying drafts returned). The recording changes nothing."""
     seen: dict[str, list[torch.Tensor]] = {}
     execute = engine.runner.execute
 
     def recording(plan):
         out = execute(plan)
-        for rid, row in zip(out.request_ids, out.logits):
-            seen.setdefault(rid, []).append(row.clone())
+        for rid, (rows, _) in out.rows().items():  # one row, or k + 1 when k drafts are verified
+            seen.setdefault(rid, []).extend(row.clone() for row in rows)
         return out
     engine.runner.execute = recording
     ids = [engine.add_request(None, p, params) for p in prompts]

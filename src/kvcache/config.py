@@ -534,6 +534,16 @@ SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what torch.Generator.manual_se
 GREEDY_BELOW = 1e-5  # a temperature this small is greedy: dividing logits by it would overflow
 MAX_SALT_CHARS = 256
 OUTPUT_KINDS = ("cumulative", "delta", "final")
+KV_POLICIES = ("full", "streaming", "h2o", "snapkv")  # see kvcache.cache.policies
+
+
+def check_kv_budget(budget: Any) -> None:
+    """A KV budget is None, a whole number of tokens (>= 1) or a fraction of the sequence in (0, 1]."""
+    if budget is None or (_is_int(budget) and budget >= 1):
+        return
+    _require(isinstance(budget, float) and math.isfinite(budget) and 0 < budget <= 1,
+             f"kv_budget must be a number of tokens (an integer of at least 1) or a fraction of the sequence "
+             f"in (0, 1], got {budget!r}.")
 
 
 def _is_int(value: Any) -> bool:
@@ -577,6 +587,8 @@ class SamplingParams:
     cache_salt: str | None = None
     output_kind: str = "cumulative"  # every output carries everything so far; "delta": only what is
     # new since the last output (a long stream then costs O(n), not O(n^2)); "final": only the last
+    kv_policy: str | None = None  # full, streaming, h2o or snapkv (None: the engine's default)
+    kv_budget: int | float | None = None  # KV tokens kept, or a fraction of prompt + max_tokens (None: the engine's)
 
     def __post_init__(self) -> None:
         for name in ("n", "max_tokens"):
@@ -601,6 +613,9 @@ class SamplingParams:
                  "stop_token_ids must be a list of non-negative token ids.")
         _require(self.output_kind in OUTPUT_KINDS,
                  f"output_kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.output_kind!r}.")
+        _require(self.kv_policy is None or self.kv_policy in KV_POLICIES,
+                 f"kv_policy must be one of {', '.join(KV_POLICIES)}, got {self.kv_policy!r}.")
+        check_kv_budget(self.kv_budget)
         salt = self.cache_salt
         _require(salt is None or (is_text(salt) and 0 < len(salt) <= MAX_SALT_CHARS),
                  f"cache_salt must be a non-empty string of valid Unicode text, at most {MAX_SALT_CHARS} "

@@ -12,6 +12,12 @@ from. A group's table covers exactly ceil(num_tokens_with_kv / block_size) entri
                      released: no future query's window reaches it (vLLM's null block)
 
 Full blocks are hashed and shareable; the partial one is private, or copied on write.
+
+A request under an eviction policy (``seq.kv_state``, see :mod:`kvcache.cache.policies`) holds
+fewer tokens than it computed in the groups the policy governs: its live tokens fill slots
+0 .. live-1 of the table in any order, and the table covers ceil(live / block_size) entries.
+:meth:`KVCacheManager.evict` drops what the policy says, fills the holes with the last live slots
+and gives back blocks past the end; from the first eviction on, a group registers no more hashes.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 from kvcache.cache.block_pool import BlockHash, BlockPool, hash_block
+from kvcache.cache.policies import PolicyState
 from kvcache.cache.tiers import TierBlock
 
 NULL_BLOCK = -1  # a table entry whose block a sliding window gave back
@@ -46,6 +53,11 @@ class CachedSequence(Protocol):
     block_tables: list[list[int]]
     block_hashes: list[BlockHash]
     cache_salt: str | None
+    # optional: ``kv_state`` (a PolicyState) when the request is under an eviction policy
+
+
+def _policy(seq: CachedSequence) -> PolicyState | None:
+    return getattr(seq, "kv_state", None)
 
 
 class PrefixTiers(Protocol):
@@ -83,6 +95,9 @@ class KVCacheManager:
         self.prefix_cache_queries = 0  # tokens looked up
         self.prefix_cache_hits = 0  # tokens found
         self._pending_copies: dict[int, int] = {}  # dst block -> src block, executed before the next forward
+        self._pending_moves: list[tuple[int, int]] = []  # (src slot, dst slot), executed first of all
+        self.num_tokens_evicted = 0  # every group together, since the start
+        self.num_blocks_evicted = 0  # blocks given back because their tokens were evicted
         self.tiers: PrefixTiers | None = None  # offload tiers asked when the pool misses
         self._pending_loads: dict[int, TierBlock] = {}  # fresh block -> tier bytes, copied before the next forward
 
@@ -110,10 +125,12 @@ class KVCacheManager:
         return sum(len(table) - _num_released(table) for table in seq.block_tables)
 
     def worst_case_blocks(self, num_prompt_tokens: int, num_tokens: int, num_samples: int,
-                          max_chunk: int) -> int:
+                          max_chunk: int, kv_budget: int | None = None) -> int:
         """The most blocks ``num_samples`` samples of one prompt can hold at once when each grows to
         ``num_tokens`` tokens, computing at most ``max_chunk`` per step: the prompt's full blocks are
-        shared, and a sliding group holds no more than its window's blocks plus one step's."""
+        shared, and a sliding group holds no more than its window's blocks plus one step's. Under an
+        eviction policy of ``kv_budget`` tokens a full-attention group holds at most the budget plus
+        one step's tokens per sample, shared or not."""
         shared_full = num_prompt_tokens // self.block_size
         total = 0
         for window in self.windows:
@@ -122,6 +139,8 @@ class KVCacheManager:
             if window is not None:
                 each = min(each, (window + max_chunk - 2) // self.block_size + 2)
                 shared = min(shared, each)
+            elif kv_budget is not None:
+                each, shared = min(each, self.blocks_for(kv_budget + max_chunk) + 1), 0
             total += shared + num_samples * (each - shared)
         return total
 
@@ -194,8 +213,9 @@ class KVCacheManager:
         needed, freed = 0, 0
         for g, table in enumerate(tables):
             entries = table + list(hit.tables[g]) if hit.num_blocks else table
-            needed += max(0, self.blocks_for(computed + num_new_tokens) - len(entries))
-            needed += self._needs_copy_on_write(entries, computed, num_new_tokens)
+            stored = computed - self.num_evicted(seq, g)
+            needed += max(0, self.blocks_for(stored + num_new_tokens) - len(entries))
+            needed += self._needs_copy_on_write(entries, stored, num_new_tokens)
             freed += sum(1 for b in self._outside_window(entries, g, computed) if self.pool.ref_count(b) == 1)
         revived = sum(1 for t in hit.tables for b in t if _in_pool(b) and self.pool.ref_count(b) == 0)
         loads = sum(1 for t in hit.tables for b in t if isinstance(b, TierBlock))
@@ -235,13 +255,14 @@ class KVCacheManager:
         end = computed + num_new_tokens
         for g, table in enumerate(tables):
             self._release_outside_window(table, g, computed)
-            if self._needs_copy_on_write(table, computed, num_new_tokens):
+            stored = computed - self.num_evicted(seq, g)  # slots in use (== computed without eviction)
+            if self._needs_copy_on_write(table, stored, num_new_tokens):
                 self._copy_last_block(table)
-            elif num_new_tokens and computed % self.block_size:
+            elif num_new_tokens and stored % self.block_size:
                 # writing into a block this sequence alone holds: if it was full once (a rollback
                 # made it partial), its hash no longer describes what it will hold
-                self.pool.unregister(table[computed // self.block_size])
-            missing = self.blocks_for(end) - len(table)
+                self.pool.unregister(table[stored // self.block_size])
+            missing = self.blocks_for(stored + num_new_tokens) - len(table)
             if missing > 0:
                 table.extend(self.pool.allocate(missing))
         self._register_full_blocks(seq, end - num_provisional)
@@ -254,6 +275,108 @@ class KVCacheManager:
             self._pending_copies.pop(table[i], None)
         self.pool.release(table[start:end])
         table[start:end] = [NULL_BLOCK] * max(0, end - start)
+
+    # --- eviction ---------------------------------------------------------------------------
+
+    def num_evicted(self, seq: CachedSequence, group: int) -> int:
+        """Tokens of ``seq`` that group ``group`` computed and no longer holds (its policy dropped them)."""
+        state = _policy(seq)
+        return 0 if state is None else state.evicted(group)
+
+    def kv_offsets(self, seq: CachedSequence) -> tuple[int, ...]:
+        """Per group, how far slot indices lag positions: the slot of a token computed now is its
+        position minus this. Empty when the sequence evicted nothing (every offset 0)."""
+        state = _policy(seq)
+        if state is None or not any(live.evicted for live in state.groups.values()):
+            return ()
+        return tuple(state.evicted(g) for g in range(self.num_groups))
+
+    def score_rows(self, seq: CachedSequence, num_new_tokens: int) -> tuple[int, ...]:
+        """Per group, how many of this step's last query rows the sequence's policy wants attention
+        weights of (empty: none anywhere)."""
+        state = _policy(seq)
+        rows = 0 if state is None else state.score_rows(num_new_tokens)
+        return tuple(rows if g in state.groups else 0 for g in range(self.num_groups)) if rows else ()
+
+    def observe(self, seq: CachedSequence, weights: tuple, rows: tuple[int, ...]) -> None:
+        """Hand a step's attention weights (per group: [live] summed over layers, heads and the
+        ``rows[g]`` query rows asked for, or None) to the sequence's policy."""
+        state = _policy(seq)
+        if state is None:
+            return
+        for g, w in enumerate(weights):
+            if w is not None and g in state.groups:
+                state.sync(g, seq.num_computed_tokens)
+                state.observe(g, w, rows[g])
+
+    def evict(self, seq: CachedSequence) -> int:
+        """Drop the tokens the sequence's policy evicts now, in every group it governs: the last live
+        slots move into the holes (moves for the runner, see :meth:`take_pending_moves`), blocks no
+        live token uses go back to the pool, and a block whose tokens change loses its prefix hash.
+        A shared block that would change is first replaced by a private copy; when the pool has no
+        block for that, the eviction waits for a later step. Returns the tokens evicted."""
+        state = _policy(seq)
+        if state is None or not seq.block_tables:
+            return 0
+        total = 0
+        for g in state.groups:
+            state.sync(g, seq.num_computed_tokens)
+            drop = state.to_drop(g)
+            if drop and self._compact(seq.block_tables[g], state, g, drop):
+                total += len(drop)
+        self.num_tokens_evicted += total
+        return total
+
+    def _compact(self, table: list[int], state: PolicyState, group: int, drop: list[int]) -> bool:
+        """Move the live slots past the new end into the dropped slots below it and release the
+        blocks past it. A block that changes gets a private copy first when another request holds
+        it (always: False, and no change, when the pool has no block for that) or when it is a
+        findable prefix (while free blocks last: the prefix stays cached for others).
+
+            live 10, drop [1, 5, 8]  ->  moves 7 -> 1, 9 -> 5  ->  live 7 (slots 0 .. 6)
+        """
+        bs = self.block_size
+        live = len(state.groups[group].positions)
+        end = live - len(drop)
+        dropped = set(drop)
+        holes = [i for i in drop if i < end]
+        sources = [i for i in range(end, live) if i not in dropped]
+        changed = sorted({h // bs for h in holes})
+        tail = table[self.blocks_for(end):]
+        room = self.pool.num_free + sum(1 for b in tail if self.pool.ref_count(b) == 1)
+        shared = [j for j in changed if self.pool.ref_count(table[j]) > 1]
+        if len(shared) > room:
+            return False
+        cached = [j for j in changed if j not in shared and self.pool.blocks[table[j]].block_hash is not None]
+        shared = set(shared + cached[:room - len(shared)])
+        slot = [table[i // bs] * bs + i % bs for i in range(live)]  # where each slot index lives now
+        moves = dict(zip(holes, sources))  # slot index -> the slot index whose token fills it
+        del table[self.blocks_for(end):]
+        self.pool.release(reversed(tail))
+        self.num_blocks_evicted += len(tail)
+        for j in changed:
+            if j in shared:
+                self.pool.release([table[j]])
+                (table[j],) = self.pool.allocate(1)
+                for i in range(j * bs, min(end, (j + 1) * bs)):
+                    moves.setdefault(i, i)  # the whole block is copied into the private one
+            else:
+                self.pool.unregister(table[j])
+        self._pending_moves.extend((slot[src], table[dst // bs] * bs + dst % bs) for dst, src in moves.items())
+        state.compacted(group, list(zip(sources, holes)), end)
+        return True
+
+    def take_pending_moves(self) -> list[tuple[int, int]]:
+        """(src slot, dst slot) moves the runner performs first in the next step, all reads before
+        all writes."""
+        moves, self._pending_moves = self._pending_moves, []
+        return moves
+
+    def reset_policy(self, seq: CachedSequence) -> None:
+        """The sequence starts over (preempted by recompute): its policy forgets what it kept."""
+        state = _policy(seq)
+        if state is not None:
+            state.reset()
 
     def blocks_to_save(self, seq: CachedSequence) -> tuple[int, ...]:
         """The blocks holding KV a future query can see, every group in order (what swap-out keeps)."""
@@ -268,7 +391,8 @@ class KVCacheManager:
         """
         computed = seq.num_computed_tokens
         tables = self.tables(seq)
-        spans = [(self.first_live_block(g, computed), self.blocks_for(computed)) for g in range(self.num_groups)]
+        spans = [(self.first_live_block(g, computed), self.blocks_for(computed - self.num_evicted(seq, g)))
+                 for g in range(self.num_groups)]
         count = sum(hi - lo for lo, hi in spans)
         if any(tables) or count > self.pool.num_free:
             return None
@@ -302,6 +426,8 @@ class KVCacheManager:
         self._update_hashes(seq, num_tokens_with_kv)
         first = seq.num_computed_tokens if first_token is None else first_token
         for g, table in enumerate(seq.block_tables):
+            if self.num_evicted(seq, g):
+                continue  # its slots no longer hold the tokens in position order
             for i in range(first // self.block_size, num_tokens_with_kv // self.block_size):
                 self.pool.register(table[i], seq.block_hashes[i], g)
 
@@ -350,6 +476,9 @@ class KVCacheManager:
             child_table.extend(parent_table)
         child.block_hashes[:] = parent.block_hashes
         child.num_computed_tokens = parent.num_computed_tokens
+        state = _policy(parent)
+        if state is not None:
+            child.kv_state = state.copy()
 
     def rollback(self, seq: CachedSequence, num_tokens: int, verified_from: int) -> None:
         """After verifying drafts: keep KV for the first ``num_tokens`` tokens (all verified now),
@@ -388,9 +517,12 @@ class KVCacheManager:
         """Let ``seq`` (holding nothing yet) share ``source``'s KV of the first ``num_tokens`` tokens,
         which both sequences hold alike (a chat's next turn continuing the last); the partial last
         block is shared and copied on write. False, and no change, when ``source``'s window has
-        already released blocks a query there would see."""
-        if self._released_before(source, num_tokens):
+        already released blocks a query there would see, or its policy evicted tokens."""
+        if self._released_before(source, num_tokens) or self.kv_offsets(source):
             return False
+        own = _policy(seq)  # the new request's own policy (fork would copy the source's)
         self.fork(source, seq)
         self.truncate(seq, num_tokens)
+        if own is not None or _policy(source) is not None:
+            seq.kv_state = own  # it counts the adopted tokens as live when it next looks
         return True

@@ -170,6 +170,21 @@ class GroupStorage:
         for region in self.regions.values():
             region[:, :, dst] = region[:, :, src]
 
+    @property
+    def moves_slots(self) -> bool:
+        """Whether one token's slot can be copied alone: every region holds values per token (a
+        per-channel key scale covers a whole block, so its tokens cannot move one by one)."""
+        return all(self.per_token.values())
+
+    def move_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy slot src[i] to slot dst[i] in every layer and region, all reads before any write."""
+        if not self.moves_slots:
+            raise RuntimeError(f"The {self.group.spec.kv_format} cache keeps per-block key scales; its "
+                               "tokens cannot move slot by slot.")
+        for region in self.regions.values():
+            flat = region.flatten(2, 3)  # [layers, heads, num_blocks * block_size, ...]
+            flat[:, :, dst] = flat[:, :, src]
+
     def take_blocks(self, index: torch.Tensor) -> list[torch.Tensor]:
         return [region[:, :, index].to("cpu", copy=True) for region in self.regions.values()]
 
@@ -531,6 +546,19 @@ class KVCache:
         src = torch.tensor([p[0] for p in pairs], device=self.device)
         dst = torch.tensor([p[1] for p in pairs], device=self.device)
         self.pages.copy_blocks(src, dst)
+
+    @property
+    def moves_slots(self) -> bool:
+        """Whether :meth:`move_slots` works for this format (what an eviction policy needs)."""
+        return self.pages.moves_slots
+
+    def move_slots(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy token slots src -> dst (an eviction compacting live tokens), all reads first."""
+        if not pairs:
+            return
+        src = torch.tensor([p[0] for p in pairs], device=self.device)
+        dst = torch.tensor([p[1] for p in pairs], device=self.device)
+        self.pages.move_slots(src, dst)
 
     def read_blocks(self, block_ids: list[int]) -> list[torch.Tensor]:
         """A host copy of some blocks (every region), for swapping out."""

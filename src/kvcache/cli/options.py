@@ -7,7 +7,8 @@ from typing import Any
 
 from kvcache.cache.offload_config import SPEC_HELP, parse_kv_offload
 from kvcache.cli.errors import check_text
-from kvcache.config import SamplingParams, SchedulerConfig, parse_weights_dtype, speculative_config
+from kvcache.config import (KV_POLICIES, SamplingParams, SchedulerConfig, check_kv_budget, parse_weights_dtype,
+                            speculative_config)
 from kvcache.sizing import DTYPE_ALIASES, parse_bytes
 
 MODEL_FORMATS = {"fp32": "float32", "bf16": "bfloat16"}
@@ -47,6 +48,33 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int_between(1, 4096), metavar="N",
                         help="CPU threads for the model (default: the cores not busy with other work when the "
                              "command starts, at least 1)")
+
+
+def add_kv_policy_options(parser: argparse.ArgumentParser, sequence: str = "prompt + max tokens") -> None:
+    parser.add_argument("--kv-policy", default="full", metavar="POLICY",
+                        help=f"what a request's KV cache keeps: {', '.join(KV_POLICIES)} (full keeps every token; "
+                             "the others keep at most --kv-budget tokens) (default: full)")
+    parser.add_argument("--kv-budget", metavar="TOKENS|FRACTION",
+                        help="KV tokens a request keeps under --kv-policy: a number of tokens (512) or a fraction "
+                             f"of the sequence, {sequence} (0.2 or 20%%)")
+
+
+def parse_kv_budget(text: str | None) -> int | float | None:
+    """--kv-budget as the engine takes it: an int of tokens, or a float fraction ("0.2", "20%")."""
+    if text is None:
+        return None
+    try:
+        value: int | float = float(text[:-1]) / 100 if text.endswith("%") else \
+            int(text) if text.strip().lstrip("+").isdigit() else float(text)
+    except ValueError:
+        raise ValueError(f"--kv-budget {text!r} is not a number; give tokens (512) or a fraction of the "
+                         "sequence (0.2 or 20%).") from None
+    try:
+        check_kv_budget(value)
+    except ValueError:
+        raise ValueError(f"--kv-budget {text!r} must be a number of tokens of at least 1, or a fraction of the "
+                         "sequence in (0, 1] (0.2 or 20%).") from None
+    return value
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +123,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--always-speculate", action="store_true",
                         help="verify every draft, even where the engine's step times say drafts cost more "
                              "than they bring (large batches, low acceptance) (default: off)")
+    add_kv_policy_options(parser)
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -124,6 +153,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_offload": parse_kv_offload(args.kv_offload),
         "speculative": speculative_config(args.speculative, args.num_speculative_tokens, args.draft_model,
                                           adaptive=not args.always_speculate),
+        "kv_policy": args.kv_policy, "kv_budget": parse_kv_budget(args.kv_budget),
         "scheduler_config": SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                             max_num_batched_tokens=args.max_num_batched_tokens,
                                             preemption_mode=args.preemption_mode),

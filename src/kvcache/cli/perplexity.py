@@ -3,7 +3,9 @@
 Prints perplexity and the tokens scored; with ``--kld``, also the mean KL divergence and top-1
 agreement of every position's distribution against the same model with an unquantized cache
 (the model's own dtype), computed in the same run. This is how the accuracy of a KV format is
-measured (see BENCHMARKS.md).
+measured (see BENCHMARKS.md). With ``--kv-policy P --kv-budget B`` each window advances
+``--kv-step`` tokens at a time (16 by default) while the policy evicts, and ``--kld`` compares
+against the full cache.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from kvcache.cli.options import add_threads_option
+from kvcache.cli.options import add_kv_policy_options, add_threads_option, int_between, parse_kv_budget
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kld", action="store_true",
                    help="also compare each position against an unquantized cache: mean KLD, top-1 agreement")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_kv_policy_options(p, sequence="the --ctx window")
+    p.add_argument("--kv-step", type=int_between(1, 1 << 20), default=16, metavar="TOKENS",
+                   help="with --kv-policy: tokens computed per step; the policy evicts before each (default: 16)")
     add_threads_option(p)
     p.set_defaults(run=run)
 
@@ -71,9 +76,14 @@ def run(args: argparse.Namespace) -> int:
     from kvcache.cache.spec import MODEL_DTYPE_FORMATS, resolve_kv_cache_dtype
     from kvcache.config import parse_model_dtype, parse_weights_dtype
 
+    from kvcache.cache.policies import KVPolicy
+
     parse_model_dtype(args.dtype)
     weights_dtype = parse_weights_dtype(args.weights_dtype)
     resolve_kv_cache_dtype(args.kv_cache_dtype, "float32")  # a bad format fails here, before any loading
+    policy = KVPolicy(args.kv_policy, parse_kv_budget(args.kv_budget))
+    if args.kv_budget is not None and not policy.evicts:
+        raise ValueError("--kv-budget needs a --kv-policy that evicts: streaming, h2o or snapkv.")
     if args.ctx < 2:
         raise ValueError(f"--ctx must be at least 2 tokens, got {args.ctx}.")
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -84,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kvcache.engine.engine import build_model, default_device, resolve_dtype
     from kvcache.models.loader import load_model
-    from kvcache.runtime.scoring import score_text
+    from kvcache.runtime.scoring import score_text, score_text_with_policy
 
     dtype = resolve_dtype(args.dtype, default_device())
     kv_format = resolve_kv_cache_dtype(args.kv_cache_dtype, dtype)
@@ -95,13 +105,19 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(loaded, dtype, default_device(), weights_dtype)
     ids = loaded.tokenizer.encode(text, add_special_tokens=False)
     start = time.perf_counter()
+    reference = MODEL_DTYPE_FORMATS[dtype] if args.kld else None
     with torch.inference_mode():
-        score = score_text(model, ids, args.ctx, kv_format, MODEL_DTYPE_FORMATS[dtype] if args.kld else None,
-                           args.max_tokens, _progress_bar())
+        if policy.evicts:
+            score = score_text_with_policy(model, ids, args.ctx, kv_format, policy, args.kv_step, reference,
+                                           args.max_tokens, _progress_bar())
+        else:
+            score = score_text(model, ids, args.ctx, kv_format, reference, args.max_tokens, _progress_bar())
     result: dict[str, Any] = {"ppl": score.ppl, "tokens": score.tokens, "kv_cache_dtype": kv_format,
                               "ctx": args.ctx, "dtype": dtype, "weights_dtype": weights_dtype,
                               "weight_bytes": model.weight_bytes(), "text_tokens": len(ids),
                               "seconds": time.perf_counter() - start}
+    if policy.evicts:
+        result |= {"kv_policy": policy.name, "kv_budget": policy.budget, "kv_step": args.kv_step}
     if args.kld:
         result |= {"kld": score.mean_kld, "top1_agreement": score.top1_agreement,
                    "kld_reference": MODEL_DTYPE_FORMATS[dtype]}
@@ -113,6 +129,9 @@ def _describe(r: dict[str, Any]) -> str:
     lines = [f"perplexity {r['ppl']:.4f} over {r['tokens']:,} tokens (windows of {r['ctx']}, "
              f"KV cache {r['kv_cache_dtype']}, model {r['dtype']}, weights {r['weights_dtype']} "
              f"({r['weight_bytes']:,} B), {r['seconds']:.1f} s)"]
+    if "kv_policy" in r:
+        lines.append(f"KV policy  {r['kv_policy']}, budget {r['kv_budget']}, evicting before every "
+                     f"{r['kv_step']}-token step")
     if "kld" in r:
         lines.append(f"KLD        {r['kld']:.6f} nats/token against a {r['kld_reference']} cache; "
                      f"top-1 agreement {100 * r['top1_agreement']:.2f}%")

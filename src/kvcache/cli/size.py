@@ -40,13 +40,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, help="values per scale for fp8/int8/int4")
     p.add_argument("--memory", metavar="GB", help="memory for weights + KV cache, e.g. 80 or 24GiB (plain number: GB)")
     p.add_argument("--weights", metavar="SIZE", help="weights' size (default: parameters x --weights-dtype)")
-    p.add_argument("--weights-dtype", default="bf16",
-                   help="the weights' format, for their size: fp32, bf16, fp16, fp8, int8, int4 (default: bf16)")
+    p.add_argument("--weights-dtype",
+                   help="the weights' format, for their size: fp32, bf16, fp16, fp8, int8, int4; with --model also "
+                        "auto, the file's own blocks, and then the bytes are what the engine holds, scales and "
+                        "all (default: auto with --model, else bf16)")
     p.add_argument("--plot", metavar="FILE.png",
                    help="draw KV bytes against context length (up to --seq-len) per dtype, with the weights and "
                         "--memory as lines; '.png' is added to a name without a suffix")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
+
+
+def _held_weights(args: argparse.Namespace) -> tuple[int, str] | None:
+    """(bytes, formats) the engine holds for --model's weights in --weights-dtype, read off the
+    file's header; None where --weights-dtype is no format the engine keeps weights in (fp16, fp8)."""
+    from kvcache.config import parse_weights_dtype
+    from kvcache.engine.engine import resolve_dtype
+    from kvcache.models.loader import read_model_config, weight_shapes
+    from kvcache.models.packed import planned_weight_bytes
+    name = args.weights_dtype or "auto"
+    try:
+        weights_dtype = parse_weights_dtype({"fp32": "float32", "bf16": "bfloat16"}.get(name.lower(), name))
+    except ValueError:
+        return None
+    config = read_model_config(args.model)
+    if weights_dtype not in ("auto", "float32") and config.mla is not None:
+        return None
+    held = planned_weight_bytes(weight_shapes(args.model), weights_dtype, resolve_dtype("auto"),
+                                config.tie_word_embeddings)
+    return sum(held.values()), " + ".join(sorted(held, key=held.get, reverse=True))
 
 
 def _subject(args: argparse.Namespace) -> tuple[str, KVShape, int | None, int | None]:
@@ -70,9 +92,12 @@ def run(args: argparse.Namespace) -> int:
     title, shape, params, max_context = _subject(args)
     seq_len = args.seq_len if args.seq_len is not None else max_context or 4096
     est = kv_bytes(shape, seq_len, args.batch, args.dtype, args.group_size)
-    weights = parse_bytes(args.weights, "g") if args.weights else \
-        (params * kv_dtype(args.weights_dtype).bits // 8 if params else None)
+    held = _held_weights(args) if args.model and not args.weights else None
+    weights = parse_bytes(args.weights, "g") if args.weights else held[0] if held else \
+        (params * kv_dtype(args.weights_dtype or "bf16").bits // 8 if params else None)
     result = _result(est, weights, max_context)
+    if held:
+        result["weights_formats"] = held[1]
     if args.memory:
         cap = capacity(shape, parse_bytes(args.memory, "g"), weights or 0, seq_len, args.batch, args.dtype,
                        args.group_size)
@@ -130,6 +155,9 @@ def describe(title: str, est: KVEstimate, r: dict[str, Any]) -> str:
     else:
         lines.append(f"  KV cache          {_formula(est)} = {total}")
     lines.append(f"  per token         {est.bytes_per_token:,.1f} B ({human_bytes(est.bytes_per_token)})")
+    if r.get("weights_formats"):
+        lines.append(f"  weights held      {r['weights_bytes']:,} B ({human_bytes(r['weights_bytes'])}; "
+                     f"{r['weights_formats']}), what the engine keeps in memory")
     if r["max_context"] and est.seq_len > r["max_context"]:
         lines.append(f"  note              seq_len is past the model's context of {r['max_context']:,} tokens")
     cap = r.get("capacity")

@@ -15,6 +15,7 @@ from kvcache import kernels
 from kvcache.cache.block_pool import BlockPool
 from kvcache.cache.kv_manager import NULL_BLOCK, KVCacheManager
 from kvcache.cache.offload_config import OffloadConfig, parse_kv_offload
+from kvcache.cache.policies import KVPolicy, PolicyState
 from kvcache.cache.spec import group_layers, layer_specs, num_blocks_for_budget, resolve_kv_cache_dtype
 from kvcache.cache.storage import KVCache
 from kvcache.config import (CacheConfig, SamplingParams, SchedulerConfig, SpeculativeConfig, is_text,
@@ -107,19 +108,23 @@ _warned_emulated_bf16 = False
 
 
 def resolve_dtype(dtype: str, device: torch.device | str = "cpu") -> str:
-    """The model dtype to compute in: ``auto`` is bfloat16 where the device multiplies it natively (a
-    GPU, a CPU with AVX-512 BF16 or AMX) and float32 elsewhere; bfloat16 asked for on a CPU that
-    emulates it is granted with a warning (once), as it runs slower there than float32."""
+    """The model dtype to compute in. ``auto``: float32 on a CPU where kvcache's C kernels run
+    (their fused decode step computes in float32 and reads the weights in their own format, so
+    bfloat16 weights, not bfloat16 arithmetic, are what speed decode up there); elsewhere bfloat16
+    where the device multiplies it natively (a GPU, a CPU with AVX-512 BF16 or AMX) and float32
+    otherwise. bfloat16 asked for on a CPU that emulates it is granted with a warning (once), as it
+    runs slower there than float32."""
     global _warned_emulated_bf16
     name = parse_model_dtype(dtype)
-    native = torch.device(device).type != "cpu" or kernels.native_bf16()
+    cpu = torch.device(device).type == "cpu"
+    native = not cpu or kernels.native_bf16()
     if name == "auto":
-        return "bfloat16" if native else "float32"
+        return "float32" if cpu and kernels.library() is not None else "bfloat16" if native else "float32"
     if name == "bfloat16" and not native and not _warned_emulated_bf16:
         _warned_emulated_bf16 = True
         log.warning("This CPU has no native bfloat16 matmul (%s); PyTorch emulates it, so bfloat16 runs "
-                    "slower here than float32. --dtype auto picks float32 on this CPU; --weights-dtype "
-                    "bfloat16 halves the weights' bytes and still computes in float32.", kernels.cpu_description())
+                    "slower here than float32. --weights-dtype bfloat16 halves the weights' bytes and still "
+                    "computes in float32.", kernels.cpu_description())
     return name
 
 
@@ -144,12 +149,14 @@ class LLMEngine:
                  loaded: LoadedModel | None = None, kv_cache_dtype: str = "auto",
                  speculative: str | SpeculativeConfig | None = None, num_speculative_tokens: int | None = None,
                  draft_model: str | None = None, adaptive_speculation: bool = True,
-                 weights_dtype: str = "auto", kv_offload: str | OffloadConfig | None = None) -> None:
+                 weights_dtype: str = "auto", kv_policy: str = "full",
+                 kv_budget: int | float | None = None, kv_offload: str | OffloadConfig | None = None) -> None:
         offload_config = parse_kv_offload(kv_offload)
         if offload_config is not None and not enable_prefix_caching:
             raise ValueError("kv_offload finds blocks by their prefix hashes; it needs prefix caching on.")
         if isinstance(kv_cache_memory, str):
             kv_cache_memory = parse_bytes(kv_cache_memory)
+        self.kv_policy = KVPolicy(kv_policy, kv_budget)  # the default of requests that name none
         self.device = torch.device(device) if device else default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.weights_dtype = parse_weights_dtype(weights_dtype)
@@ -190,6 +197,8 @@ class LLMEngine:
         self._kept: dict[str, Request] = {}  # finished keep_kv requests still holding their blocks
         self._generators: dict[str, torch.Generator] = {}
         self._ids = itertools.count()
+        if self.kv_policy.evicts:
+            self._check_policy(self.kv_policy)
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -232,6 +241,7 @@ class LLMEngine:
             raise ValueError("keep_kv keeps one sequence's KV; it needs n = 1.")
         first = Request(f"{request_id}#0", ids, params, prompt if isinstance(prompt, str) else None,
                         eos_token_ids=self.tokenizer.eos_token_ids)
+        first.kv_state = self._policy_state(params, min(first.max_total_tokens, self.max_model_len))
         self.scheduler.check_fits(first, params.n)
         generator = make_generator(params.sample_seed(0), self.device)
         kept = self._kept.pop(continue_from, None) if continue_from is not None else None
@@ -243,6 +253,30 @@ class LLMEngine:
                                           [IncrementalDetokenizer(self.tokenizer)], keep_kv=keep_kv)
         self._register(first, generator)
         return request_id
+
+    def _policy_state(self, params: SamplingParams, length: int) -> PolicyState | None:
+        """The eviction state of a request of at most ``length`` tokens, or None when it keeps every
+        token: policy full, a budget that holds the whole sequence (then it runs exactly as full), or
+        no full-attention group to govern (sliding windows bound the cache already)."""
+        policy = self.kv_policy.with_name(params.kv_policy, params.kv_budget)
+        if params.kv_budget is not None and not policy.evicts:
+            raise ValueError("kv_budget needs a kv_policy that evicts: streaming, h2o or snapkv.")
+        budget = policy.tokens_for(length)
+        governed = tuple(g for g, window in enumerate(self.kv.windows) if window is None)
+        if budget is None or not governed:
+            return None
+        self._check_policy(policy)
+        return PolicyState(policy, budget, governed)
+
+    def _check_policy(self, policy: KVPolicy) -> None:
+        """ValueError when this engine cannot run ``policy``: its cache format or model lacks what it needs."""
+        if not self.storage.moves_slots:
+            raise ValueError(f"kv_policy {policy.name} moves single tokens between cache slots, which the "
+                             f"{self.kv_cache_dtype} cache cannot (its key scales cover whole blocks); use "
+                             "--kv-cache-dtype float32, bfloat16, float16 or int8.")
+        if policy.needs_scores and self.model_config.mla is not None:
+            raise ValueError(f"kv_policy {policy.name} ranks tokens by attention weights, which this model's "
+                             "latent (MLA) attention does not report; use kv_policy streaming.")
 
     def _adopt(self, kept: Request, request: Request) -> bool:
         """Give ``request`` the kept KV of the tokens its prompt shares with ``kept`` (at least one
@@ -372,19 +406,21 @@ class LLMEngine:
             raise
         forward_seconds = time.perf_counter() - started
         due = self.scheduler.step_done()
+        if output.attention_scores:
+            self._observe(plan, output.attention_scores)
         rows = output.rows()
         touched: dict[str, _Group] = {}
         to_draft: list[Request] = []
         now = time.monotonic()
         for request in due:
-            logits = rows[request.request_id]  # [1 + drafts verified, vocab]
+            logits, best = rows[request.request_id]  # [1 + drafts verified, vocab], each row's argmax
             group = self._groups[request.request_id.rsplit("#", 1)[0]]
             touched[group.request_id] = group
             if group.error is not None:
                 continue
             try:
                 for sample_request in self._fork_if_first(group, request):
-                    if self._append_tokens(group, sample_request, logits, now):
+                    if self._append_tokens(group, sample_request, logits, best, now):
                         to_draft.append(sample_request)
             except Exception as err:  # this request alone ends; the batch goes on
                 log.exception("request %s failed in a step and was ended alone", group.request_id)
@@ -397,6 +433,14 @@ class LLMEngine:
             self.spec_gate.observe_step(plan.num_tokens, time.perf_counter() - started)
         outputs = (self._output(g) for g in touched.values())
         return [out for out in outputs if out is not None]
+
+    def _observe(self, plan: SchedulerOutput, scores: dict[str, tuple]) -> None:
+        """Hand each request's attention weights to its eviction policy (after step_done, so they
+        cover every token it holds)."""
+        for s in plan.sequences:
+            request = self._requests.get(s.request_id)
+            if s.request_id in scores and request is not None:
+                self.kv.observe(request, scores[s.request_id], s.score_rows)
 
     def _fork_if_first(self, group: _Group, request: Request) -> list[Request]:
         """Sample 0's first token: fork the other n-1 samples off its prompt blocks, by reference."""
@@ -419,7 +463,7 @@ class LLMEngine:
     def _propose(self, requests: list[Request]) -> None:
         """Draft the next step's tokens for every request that goes on, in one call to the drafter
         (a draft model batches them)."""
-        requests = [r for r in requests if not r.is_finished]
+        requests = [r for r in requests if not r.is_finished and r.kv_state is None]  # no drafts while evicting
         if self.spec_gate is not None:
             pays = self.spec_gate.drafting([r.request_id for r in requests], len(self.scheduler.running))
             requests = [r for r, draft in zip(requests, pays) if draft]
@@ -428,22 +472,23 @@ class LLMEngine:
         for request, drafts in zip(requests, self.drafter.propose_all(requests)):
             request.spec_token_ids = drafts
 
-    def _append_tokens(self, group: _Group, request: Request, logits: torch.Tensor, now: float) -> bool:
+    def _append_tokens(self, group: _Group, request: Request, logits: torch.Tensor, best: list[int],
+                       now: float) -> bool:
         """Sample (logits [1, V]) or verify drafts (logits [k + 1, V]) and append what is kept, one
-        token at a time, up to the first that finishes the request. True when it goes on (and may
-        draft the next step's tokens)."""
+        token at a time, up to the first that finishes the request; ``best`` holds each row's argmax,
+        what a greedy request takes. True when it goes on (and may draft the next step's tokens)."""
         params = group.params
         generator = self._generators[request.request_id]
         num_spec = logits.shape[0] - 1
         if num_spec:
-            tokens = verify(logits, request.spec_token_ids[:num_spec], params, generator)
+            tokens = verify(logits, request.spec_token_ids[:num_spec], params, generator, best)
             self.spec.count(num_spec, len(tokens) - 1)
             if self.drafter is not None:
                 self.drafter.observe(request.request_id, num_spec, len(tokens) - 1)
             if self.spec_gate is not None:
                 self.spec_gate.observe_verification(request.request_id, num_spec, len(tokens) - 1)
         else:
-            tokens = sample(logits, [params], [generator])
+            tokens = best[:1] if params.greedy else sample(logits, [params], [generator])
         request.first_token_time = request.first_token_time or now
         reason = None
         for row, token in enumerate(tokens):
@@ -562,7 +607,7 @@ class LLMEngine:
         for index, request in enumerate(self.scheduler.running):
             group, sample = request.request_id.rsplit("#", 1)
             requests.append({"id": group, "sample": int(sample), "tokens": request.num_computed_tokens,
-                             "blocks": self.kv.num_blocks_held(request)})
+                             "blocks": self.kv.num_blocks_held(request), "evicted": self._evicted(request)})
             for block_id in (b for table in request.block_tables for b in table if b != NULL_BLOCK):
                 if owners[block_id] < 0:
                     owners[block_id] = index
@@ -598,6 +643,12 @@ class LLMEngine:
             "prefix_cache_hits": self.kv.prefix_cache_hits,  # tokens, tier hits included
             "kv_offload": self.offload.stats() if self.offload is not None else {},
             "num_preemptions": self.scheduler.num_preemptions,
+            "kv_policy": self.kv_policy.name,
+            "kv_budget": self.kv_policy.budget,
+            "num_requests_evicting": sum(1 for r in running if r.kv_state is not None),
+            "num_tokens_evicted": self.kv.num_tokens_evicted,  # since the start, every group together
+            "num_blocks_evicted": self.kv.num_blocks_evicted,  # blocks given back by evictions
+            "kv_tokens_evicted_now": sum(self._evicted(r) for r in running),
             "fragmentation": (allocated_slots - filled) / allocated_slots if allocated_slots else 0.0,
             **self.spec.stats(),
             **(self.spec_gate.stats() if self.spec_gate is not None else {}),
@@ -608,9 +659,16 @@ class LLMEngine:
     def _slots_filled(self, request: Request) -> int:
         """Token slots of the request's real blocks that hold computed KV, every group together."""
         bs = self.cache_config.block_size
-        return sum(min(request.num_computed_tokens, (i + 1) * bs) - i * bs
-                   for table in request.block_tables for i, b in enumerate(table)
-                   if b != NULL_BLOCK and i * bs < request.num_computed_tokens)
+        total = 0
+        for g, table in enumerate(request.block_tables):
+            stored = request.num_computed_tokens - self.kv.num_evicted(request, g)
+            total += sum(min(stored, (i + 1) * bs) - i * bs for i, b in enumerate(table)
+                         if b != NULL_BLOCK and i * bs < stored)
+        return total
+
+    def _evicted(self, request: Request) -> int:
+        """Tokens the request's policy has dropped and not recomputed, every group together."""
+        return sum(self.kv.num_evicted(request, g) for g in range(self.kv.num_groups))
 
     def _group_stats(self) -> list[dict[str, Any]]:
         """Per cache group: its layers, window, the blocks its tables hold now and their bytes.

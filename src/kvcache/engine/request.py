@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from kvcache.cache.block_pool import BlockHash
+from kvcache.cache.policies import PolicyState
 from kvcache.config import SamplingParams
 
 
@@ -47,6 +48,7 @@ class Request:
     peak_blocks: int = 0  # the most blocks it held at once, every group together
     output_logprobs: list[dict] = field(default_factory=list)
     spec_token_ids: list[int] = field(default_factory=list)  # drafts to verify next step, not yet output
+    kv_state: PolicyState | None = None  # its eviction policy's live tokens (None: it keeps every token)
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -14,6 +14,11 @@ that token and its drafts in one query (k + 1 tokens), as far as the budget, its
 the context allow. Drafts never preempt anyone: if their blocks do not fit, the request decodes
 plainly. After verification the engine calls :meth:`Scheduler.end_verification`, which rolls the
 cache back past the last kept token.
+
+A request under an eviction policy drops what its policy says at the start of each step, before
+anything is allocated or preempted (see ``KVCacheManager.evict``), so the blocks it gives back serve
+this very step; its plan carries how far its slots lag its positions and which attention weights
+the policy wants back.
 """
 
 from __future__ import annotations
@@ -45,7 +50,9 @@ class Scheduler:
             raise ValueError(f"The prompt has {request.num_prompt_tokens} tokens; this model's context is "
                              f"{self.max_model_len} tokens, which must also hold at least one new token.")
         worst = min(request.max_total_tokens, self.max_model_len)
-        need = self.kv.worst_case_blocks(request.num_prompt_tokens, worst, num_samples, self.config.prefill_chunk)
+        budget = request.kv_state.budget if request.kv_state is not None else None
+        need = self.kv.worst_case_blocks(request.num_prompt_tokens, worst, num_samples, self.config.prefill_chunk,
+                                         budget)
         have = self.kv.pool.num_blocks
         if need > have:
             samples = f"{num_samples} samples of " if num_samples > 1 else ""
@@ -75,6 +82,9 @@ class Scheduler:
         swap_out: list[tuple[str, tuple[int, ...]]] = []
         swap_in: list[tuple[str, tuple[int, ...]]] = []
         preempted: list[str] = []
+        for request in self.running:
+            if request.kv_state is not None:
+                self.kv.evict(request)
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -113,6 +123,7 @@ class Scheduler:
         self._scheduled = scheduled
         return SchedulerOutput(
             sequences=tuple(self._plan(r, n, s) for r, n, s in scheduled),
+            slot_moves=tuple(self.kv.take_pending_moves()),
             block_copies=tuple(self.kv.take_pending_copies()),
             swap_out=tuple(swap_out),
             swap_in=tuple(swap_in),
@@ -160,6 +171,8 @@ class Scheduler:
             block_tables=tuple(tuple(table) for table in request.block_tables),
             sample=start + num_new - num_spec == request.num_tokens,
             num_spec_tokens=num_spec,
+            kv_offsets=self.kv.kv_offsets(request) if request.kv_state is not None else (),
+            score_rows=self.kv.score_rows(request, num_new) if request.kv_state is not None else (),
         )
 
     def _preempt(self, request: Request, swap_out: list) -> None:
@@ -170,6 +183,7 @@ class Scheduler:
             request.status = RequestStatus.SWAPPED
         else:
             self.kv.free(request)
+            self.kv.reset_policy(request)
             request.num_computed_tokens = 0
             request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1

@@ -65,17 +65,18 @@ def _last_earlier_match(ids: np.ndarray, n: int) -> int | None:
 
 
 def verify(logits: torch.Tensor, drafts: Sequence[int], params: SamplingParams,
-           generator: torch.Generator | None) -> list[int]:
+           generator: torch.Generator | None, best: Sequence[int] | None = None) -> list[int]:
     """The tokens a request keeps from one verification step: the accepted drafts plus one token of
     the target's own (a correction or a bonus), so always between 1 and len(drafts) + 1 tokens.
 
     ``logits`` [len(drafts) + 1, V]: row i holds the target's logits after the context and drafts
-    0..i-1. Drafts are deterministic (q = one-hot), as prompt lookup's are.
+    0..i-1 (``best``: each row's argmax, when the caller has it). Drafts are deterministic
+    (q = one-hot), as prompt lookup's are.
     """
     if logits.shape[0] != len(drafts) + 1:
         raise ValueError(f"verify needs {len(drafts) + 1} rows of logits, got {logits.shape[0]}.")
     if params.greedy:
-        best = logits.argmax(dim=-1).tolist()
+        best = logits.argmax(dim=-1).tolist() if best is None else list(best)
         kept = 0
         while kept < len(drafts) and drafts[kept] == best[kept]:
             kept += 1

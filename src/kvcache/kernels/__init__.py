@@ -59,17 +59,20 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def _build(compiler: str) -> Path:
-    """Compile matmul.c into the cache (once per source, compiler and CPU) and return the library's path."""
+def _build(compiler: str, native: bool = True) -> Path:
+    """Compile the sources into the cache (once per source, compiler and CPU) and return the library's
+    path. ``native=False`` builds for any CPU of the architecture: the portable C paths, no AVX2 (the
+    tests check those too)."""
     source = b"".join(p.read_bytes() for p in (*SOURCES, HERE / "kernels.h"))
-    key = hashlib.sha256(source + compiler.encode() + platform.machine().encode() + _cpu_flags().encode())
-    target = _cache_root() / f"matmul-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(source + compiler.encode() + platform.machine().encode() + _cpu_flags().encode()
+                         + (b"native" if native else b"portable"))
+    target = _cache_root() / f"kernels-{key.hexdigest()[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        flags = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
+        flags = ["-O3", *(["-march=native"] if native else []), "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11"]
         try:  # with OpenMP (torch's runtime at load time); a compiler without it builds single-threaded
             subprocess.run([compiler, *flags, "-fopenmp", *map(str, SOURCES), "-o", str(out), "-lm"], check=True,
                            capture_output=True, timeout=120)
@@ -109,7 +112,7 @@ class Model(ctypes.Structure):
 
 
 class GroupPlan(ctypes.Structure):
-    _fields_ = [("slots", _P), ("tables", _P), ("seq_lens", _P), ("width", ctypes.c_int)]
+    _fields_ = [("slots", _P), ("tables", _P), ("token_seq", _P), ("token_keys", _P), ("width", ctypes.c_int)]
 
 
 def library() -> ctypes.CDLL | None:

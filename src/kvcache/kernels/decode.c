@@ -41,10 +41,12 @@ typedef struct {
     const kv_layer *layers;
 } kv_model;
 
-typedef struct {          /* one cache group's share of the step's plan */
-    const int64_t *slots;    /* [n] where each token's key and value go */
-    const int64_t *tables;   /* [n, width] block ids, from the first block attention reads */
-    const int32_t *seq_lens; /* [n] keys per sequence, counted from that block */
+typedef struct {            /* one cache group's share of the step's plan, for its n tokens */
+    const int64_t *slots;      /* [n] where each token's key and value go */
+    const int64_t *tables;     /* [sequences, width] block ids, from the first block attention reads */
+    const int32_t *token_seq;  /* [n] the sequence (row of tables) each token belongs to */
+    const int32_t *token_keys; /* [n] keys each token sees, counted from its table's first block
+                                  (itself and the tokens before it; causal within a sequence) */
     int width;
 } kv_group_plan;
 
@@ -69,13 +71,6 @@ static void meet(barrier_t *b, int *sense, int nt) {
     }
 }
 
-static void share_of(int tid, int nt, int total, int align, int *begin, int *end) {
-    long units = (total + align - 1) / align;
-    long b = units * tid / nt * align, e = units * (tid + 1) / nt * align;
-    *begin = (int)(b < total ? b : total);
-    *end = (int)(e < total ? e : total);
-}
-
 /* --- the pieces ------------------------------------------------------------------------------ */
 
 static void rmsnorm(const float *x, const float *w, float *out, int n, int size, float eps) {
@@ -92,7 +87,7 @@ static void rmsnorm(const float *x, const float *w, float *out, int n, int size,
 static void matmul_share(const kv_weight *w, int n, const float *x, const float *xsum, float *y, int tid, int nt) {
     job_t job = {w->fmt, n, w->rows, w->cols, x, xsum, w->data, w->scale, w->minimum, w->bias, y};
     int begin, end;
-    share_of(tid, nt, w->rows, 16, &begin, &end);
+    kv_share(tid, nt, w->rows, 16, &begin, &end);
     if (begin < end) kv_range_fn(w->fmt)(&job, begin, end);
 }
 
@@ -152,11 +147,9 @@ static inline void load_row(const kv_model *m, const void *cache, long index, fl
     if (m->kv_bf16) {
         const uint16_t *p = (const uint16_t *)cache + index;
 #ifdef KV_AVX2
-        for (; d + 8 <= hd; d += 8)
-            _mm256_storeu_ps(out + d, _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + d))), 16)));
+        for (; d + 8 <= hd; d += 8) _mm256_storeu_ps(out + d, kv_load_bf16(p + d));
 #endif
-        for (; d < hd; d++) out[d] = cache_value(m, cache, index + d);
+        for (; d < hd; d++) out[d] = cache_value(m, p, d);
     } else {
         memcpy(out, (const float *)cache + index, (size_t)hd * sizeof(float));
     }
@@ -168,9 +161,7 @@ static inline float dot(const float *a, const float *b, int size) {
 #ifdef KV_AVX2
     __m256 acc = _mm256_setzero_ps();
     for (; k + 8 <= size; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    sum = _mm_cvtss_f32(_mm_add_ss(s4, _mm_movehdup_ps(s4)));
+    sum = kv_hsum(acc);
 #endif
     for (; k < size; k++) sum += a[k] * b[k];
     return sum;
@@ -186,14 +177,14 @@ static inline void axpy(float *y, float a, const float *x, int size) {  /* y += 
     for (; k < size; k++) y[k] += a * x[k];
 }
 
-/* Attention is split into parts: (sequence, kv head, a run of its keys). A part leaves, per query
+/* Attention is split into parts: (query token, kv head, a run of its keys). A part leaves, per query
  * head of the kv head's group, its largest score, the sum of exp(score - largest) and the values
- * weighted by those exponentials; `merge` combines a (sequence, kv head)'s parts. Long contexts
+ * weighted by those exponentials; `merge` combines a (token, kv head)'s parts. Long contexts
  * thus spread over every thread even for one sequence with three kv heads. */
 typedef struct { int first, len, parts; } key_range;
 
 static key_range keys_of(const kv_model *m, const kv_layer *ly, const kv_group_plan *plan, int i, int nt) {
-    key_range r = {0, plan->seq_lens[i], 1};
+    key_range r = {0, plan->token_keys[i], 1};
     if (ly->window > 0 && r.len > ly->window) r.first = r.len - ly->window;
     int count = r.len - r.first, per_part = 128;
     r.parts = (count + per_part - 1) / per_part;
@@ -203,14 +194,14 @@ static key_range keys_of(const kv_model *m, const kv_layer *ly, const kv_group_p
     return r;
 }
 
-/* Part `part` of (sequence i, kv head kh). partial: per query head g, [max, sum, hd weighted values].
+/* Part `part` of (token i, kv head kh). partial: per query head g, [max, sum, hd weighted values].
  * scores: room for one score per key of the part; row: head_dim floats. */
 static void attend_part(const kv_model *m, const kv_layer *ly, const kv_group_plan *plan, const float *qkv,
                         int i, int kh, key_range r, int part, float *partial, float *scores, float *row) {
     int hd = m->head_dim, group = m->heads / m->kv_heads, bs = m->block_size;
     int count = r.len - r.first;
     int lo = r.first + (int)((long)count * part / r.parts), hi = r.first + (int)((long)count * (part + 1) / r.parts);
-    const int64_t *table = plan->tables + (long)i * plan->width;
+    const int64_t *table = plan->tables + (long)plan->token_seq[i] * plan->width;
     const float *q = qkv + (long)i * (m->heads + 2 * m->kv_heads) * hd + (long)kh * group * hd;
     for (int t = lo; t < hi; t++) {
         load_row(m, ly->k, cache_index(m, kh, table[t / bs] * bs + t % bs), row);
@@ -231,7 +222,7 @@ static void attend_part(const kv_model *m, const kv_layer *ly, const kv_group_pl
     }
 }
 
-/* softmax(all parts) . values for (sequence i, kv head kh): out[i, head g of the group]. */
+/* softmax(all parts) . values for (token i, kv head kh): out[i, head g of the group]. */
 static void merge(const kv_model *m, int i, int kh, int parts, const float *partials, float *out) {
     int hd = m->head_dim, group = m->heads / m->kv_heads;
     long stride = (long)group * (hd + 2);
@@ -252,7 +243,9 @@ static void merge(const kv_model *m, int i, int kh, int parts, const float *part
 
 /* --- the step ---------------------------------------------------------------------------------- */
 
-/* h [n, hidden] float32 (the embeddings; the last layer's output on return). cos, sin [n, head_dim].
+/* h [n, hidden] float32: the embeddings of the step's n tokens (one per decoding sequence, or a
+ * sequence's drafts and a short prompt's tokens, each seeing the keys its plan says); the last
+ * layer's output on return. cos, sin [n, head_dim].
  * plans[g] is cache group g's share of the plan. Returns 0, -1 for an unknown weight format, -2 if
  * out of memory. */
 int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const float *sin,
@@ -266,7 +259,7 @@ int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const 
     int width = (m->heads + 2 * m->kv_heads) * hd, longest = 1, widest = H > I ? H : I;
     for (int l = 0; l < m->num_layers; l++)
         for (int i = 0; i < n; i++) {
-            int len = plans[m->layers[l].group].seq_lens[i];
+            int len = plans[m->layers[l].group].token_keys[i];
             longest = len > longest ? len : longest;
         }
     if (nthreads < 1) nthreads = 1;
@@ -303,7 +296,7 @@ int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const 
             meet(&bar, &sense, nt);
             if (tid == 0) rope_and_store(m, ly, plan, qkv, n, cos, sin);
             meet(&bar, &sense, nt);
-            /* attention: every (sequence, kv head, part) task, then each pair's parts merged */
+            /* attention: every (token, kv head, part) task, then each pair's parts merged */
             int tasks = 0;
             for (int i = 0; i < n; i++) tasks += keys_of(m, ly, plan, i, nt).parts * m->kv_heads;
             for (int task = tid; task < tasks; task += nt) {

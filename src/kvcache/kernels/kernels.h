@@ -32,6 +32,27 @@ typedef struct {
 
 typedef void (*range_fn)(const void *job, int begin, int end);
 
+/* Share `id` of `n` of [0, total), in runs aligned to `align`. */
+static inline void kv_share(int id, int n, int total, int align, int *begin, int *end) {
+    long units = (total + align - 1) / align;
+    long b = units * id / n * align, e = units * (id + 1) / n * align;
+    *begin = (int)(b < total ? b : total);
+    *end = (int)(e < total ? e : total);
+}
+
+#ifdef KV_AVX2
+static inline float kv_hsum(__m256 v) {  /* the sum of the 8 lanes */
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 kv_load_bf16(const uint16_t *p) {  /* 8 bfloat16 values widened to float32 */
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#endif
+
 KV_HIDDEN range_fn kv_range_fn(int fmt);                               /* NULL for an unknown format */
 KV_HIDDEN void kv_block_sums(const float *x, int M, int K, float *out); /* [M, K/32] */
 

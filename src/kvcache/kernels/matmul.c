@@ -52,13 +52,6 @@ static inline float bf16_to_float(uint16_t h) {
  * torch's wait policy: no second team competing for the cores. (A pool of our own, tried first,
  * lost whole scheduler time slices whenever its threads and torch's met on one core.)
  */
-static void share(int id, int n, int total, int align, int *begin, int *end) {
-    long units = (total + align - 1) / align;
-    long b = units * id / n * align, e = units * (id + 1) / n * align;
-    *begin = (int)(b < total ? b : total);
-    *end = (int)(e < total ? e : total);
-}
-
 /* Run fn over [0, total) split into nthreads shares aligned to `align`. */
 static void parallel_for(range_fn fn, const void *job, int total, int align, int nthreads) {
 #ifdef _OPENMP
@@ -66,7 +59,7 @@ static void parallel_for(range_fn fn, const void *job, int total, int align, int
         #pragma omp parallel num_threads(nthreads)
         {
             int begin, end;
-            share(omp_get_thread_num(), omp_get_num_threads(), total, align, &begin, &end);
+            kv_share(omp_get_thread_num(), omp_get_num_threads(), total, align, &begin, &end);
             if (begin < end) fn(job, begin, end);
         }
         return;
@@ -84,18 +77,6 @@ static inline void store(const job_t *j, int m, int n, float v) {
     j->y[(long)m * j->N + n] = v + (j->bias ? j->bias[n] : 0.0f);
 }
 
-#ifdef KV_AVX2
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-static inline __m256 load_bf16(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-#endif
 
 #define PREFETCH_BYTES 1024  /* how far ahead of the read a row's next bytes are asked for */
 
@@ -165,7 +146,7 @@ static void NAME(const job_t *j, int begin, int end) {                          
             a2 = _mm256_fmadd_ps(LOADV(w + k + 16), _mm256_loadu_ps(x + k + 16), a2);              \
             a3 = _mm256_fmadd_ps(LOADV(w + k + 24), _mm256_loadu_ps(x + k + 24), a3);              \
         }                                                                                          \
-        acc = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));                   \
+        acc = kv_hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));                   \
     }
 #define FLOAT_TILE_SIMD(LOADV)                                                                     \
     {                                                                                              \
@@ -180,10 +161,10 @@ static void NAME(const job_t *j, int begin, int end) {                          
                 a1[r] = _mm256_fmadd_ps(wv, xb, a1[r]);                                            \
             }                                                                                      \
         }                                                                                          \
-        for (int r = 0; r < ROWS; r++) { acc[0][r] = hsum(a0[r]); acc[1][r] = hsum(a1[r]); }      \
+        for (int r = 0; r < ROWS; r++) { acc[0][r] = kv_hsum(a0[r]); acc[1][r] = kv_hsum(a1[r]); }      \
     }
 #define LOAD_F32(p) _mm256_loadu_ps(p)
-#define LOAD_BF16(p) load_bf16(p)
+#define LOAD_BF16(p) kv_load_bf16(p)
 #else
 #define FLOAT_ROW_SIMD(LOADV)
 #define FLOAT_TILE_SIMD(LOADV)
@@ -270,7 +251,7 @@ static inline __attribute__((always_inline)) void quant_row(const job_t *j, int 
             acc0 = _mm256_fmadd_ps(block_dot(w + (long)b * bb, x + b * QBLOCK, q4), _mm256_set1_ps(half_to_float(d[b])), acc0);
             if (q4) total += half_to_float(mn[b]) * xsum[b];
         }
-        total += hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), minimum));
+        total += kv_hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), minimum));
 #else
         for (int b = 0; b < blocks; b++) {
             const uint8_t *q = w + (long)b * bb;
@@ -283,13 +264,56 @@ static inline __attribute__((always_inline)) void quant_row(const job_t *j, int 
     }
 }
 
-static void q8_range(const void *arg, int begin, int end) {
-    for (int n = begin; n < end; n++) quant_row(arg, n, 0);
+/* One weight row against activation rows m0 .. m0 + count - 1 (count <= 8): each block is widened
+ * once and multiplied into every row (a verification of drafts, a short prefill), where
+ * quant_row would widen it once per row. */
+#define MAX_ROWS_AT_ONCE 8
+static inline __attribute__((always_inline)) void quant_row_many(const job_t *j, int n, int m0, int count, const int q4) {
+    int K = j->K, blocks = K / QBLOCK, bb = q4 ? 16 : 32;
+    const uint8_t *w = (const uint8_t *)j->w + (long)n * blocks * bb;
+    const uint16_t *d = j->d + (long)n * blocks, *mn = q4 ? j->mn + (long)n * blocks : NULL;
+    float total[MAX_ROWS_AT_ONCE] = {0};
+#ifdef KV_AVX2
+    __m256 acc[MAX_ROWS_AT_ONCE];
+    for (int i = 0; i < count; i++) acc[i] = _mm256_setzero_ps();
+    for (int b = 0; b < blocks; b++) {
+        __m256 v[4];
+        if (q4) widen_q4(w + (long)b * bb, v); else widen_q8(w + (long)b * bb, v);
+        __m256 scale = _mm256_set1_ps(half_to_float(d[b]));
+        float minimum = q4 ? half_to_float(mn[b]) : 0.0f;
+        for (int i = 0; i < count; i++) {
+            const float *x = j->x + (long)(m0 + i) * K + b * QBLOCK;
+            __m256 lo = _mm256_fmadd_ps(v[1], _mm256_loadu_ps(x + 8), _mm256_mul_ps(v[0], _mm256_loadu_ps(x)));
+            __m256 hi = _mm256_fmadd_ps(v[3], _mm256_loadu_ps(x + 24), _mm256_mul_ps(v[2], _mm256_loadu_ps(x + 16)));
+            acc[i] = _mm256_fmadd_ps(_mm256_add_ps(lo, hi), scale, acc[i]);
+            if (q4) total[i] += minimum * j->xsum[(long)(m0 + i) * blocks + b];
+        }
+    }
+    for (int i = 0; i < count; i++) store(j, m0 + i, n, total[i] + kv_hsum(acc[i]));
+#else
+    for (int i = 0; i < count; i++) {
+        const float *x = j->x + (long)(m0 + i) * K;
+        for (int b = 0; b < blocks; b++) {
+            float dot = 0.0f;
+            for (int k = 0; k < QBLOCK; k++) dot += quant_value(w + (long)b * bb, q4, k) * x[b * QBLOCK + k];
+            total[i] += half_to_float(d[b]) * dot + (q4 ? half_to_float(mn[b]) * j->xsum[(long)(m0 + i) * blocks + b] : 0.0f);
+        }
+        store(j, m0 + i, n, total[i]);
+    }
+#endif
 }
 
-static void q4_range(const void *arg, int begin, int end) {
-    for (int n = begin; n < end; n++) quant_row(arg, n, 1);
+static inline __attribute__((always_inline)) void quant_range(const job_t *j, int begin, int end, const int q4) {
+    for (int n = begin; n < end; n++) {
+        if (j->M == 1) { quant_row(j, n, q4); continue; }
+        for (int m0 = 0; m0 < j->M; m0 += MAX_ROWS_AT_ONCE)
+            quant_row_many(j, n, m0, j->M - m0 < MAX_ROWS_AT_ONCE ? j->M - m0 : MAX_ROWS_AT_ONCE, q4);
+    }
 }
+
+static void q8_range(const void *arg, int begin, int end) { quant_range(arg, begin, end, 0); }
+
+static void q4_range(const void *arg, int begin, int end) { quant_range(arg, begin, end, 1); }
 
 /* Widen a packed [N, K] matrix to float32 (for PyTorch's GEMM on many rows); exactly
  * d * q (+ m) per value, as the products above use it. */
@@ -304,7 +328,7 @@ static void widen_range(const void *arg, int begin, int end) {
             const uint16_t *w = (const uint16_t *)j->w + (long)n * K;
             int k = 0;
 #ifdef KV_AVX2
-            for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, load_bf16(w + k));
+            for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, kv_load_bf16(w + k));
 #endif
             for (; k < K; k++) out[k] = bf16_to_float(w[k]);
             continue;

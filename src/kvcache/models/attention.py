@@ -15,6 +15,12 @@ Tokens of a step are laid out decodes first, then prefill chunks:
 
     tokens:  [d0 d1 d2 | p0 p0 p0 p0 | p1 p1 ]       query_lens = [1, 1, 1, 4, 2]
     seq i attends to its first seq_lens[i] tokens of KV; its queries are the last query_lens[i].
+
+Under an eviction policy a sequence's first seq_lens[i] slots hold only its live tokens (any order;
+each key was rotated with its own position before it was stored), so the same masks apply. When a
+policy ranks tokens by attention, ``meta.scores`` (an :class:`AttentionScores`) names the sequences
+and query rows whose softmax weights it wants; the step adds them up per key slot as it computes
+them (a prefill chunk asked for is then computed with an explicit softmax instead of SDPA).
 """
 
 from __future__ import annotations
@@ -26,6 +32,20 @@ import torch
 import torch.nn.functional as F
 
 from kvcache.cache.storage import LayerCache
+
+
+@dataclass
+class AttentionScores:
+    """Softmax weights an eviction policy asked for, summed per key slot over a group's layers, the
+    heads and each sequence's last ``rows[i]`` query rows. Built by the runner, filled by attention."""
+
+    rows: dict[int, int]  # sequence index in the step -> trailing query rows to sum (>= 1)
+    totals: dict[int, torch.Tensor] = field(default_factory=dict)  # sequence index -> [seq_len] float32
+
+    def add(self, index: int, weights: torch.Tensor) -> None:
+        """Add one layer's weights of sequence ``index``: [seq_len], already summed over heads and rows."""
+        total = self.totals.get(index)
+        self.totals[index] = weights if total is None else total + weights
 
 
 @dataclass
@@ -42,6 +62,7 @@ class AttentionMetadata:
     decode_groups: list[tuple[int, int]] = field(default_factory=list)  # decode ranges padded together
     decode_masks: list[torch.Tensor | None] = field(default_factory=list)  # per group: [1, n, 1, S] bool
     prefill_masks: list[torch.Tensor | None] = field(default_factory=list)  # [q_len, seq_len] bool or None
+    scores: AttentionScores | None = None  # weights an eviction policy asked for (None: nobody asked)
 
     @property
     def query_starts(self) -> list[int]:
@@ -120,9 +141,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     nd = meta.num_decodes
     groups = meta.decode_groups or ([(0, nd)] if nd else [])
     masks = meta.decode_masks or [None] * len(groups)
+    scores = meta.scores
     for (start, end), mask in zip(groups, masks):
         out[start:end] = _batched_decode(q[start:end], cache, meta.block_tables[start:end],
-                                         meta.seq_lens[start:end], meta.block_size, mask, scale)
+                                         meta.seq_lens[start:end], meta.block_size, mask, scale,
+                                         scores, start)
     bs = meta.block_size
     for i, start in enumerate(meta.query_starts[nd:], start=nd):
         q_len, seq_len = meta.query_lens[i], meta.seq_lens[i]
@@ -131,6 +154,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         query = q[start:start + q_len].transpose(0, 1)  # [heads, q_len, hd]
         mask = meta.prefill_masks[i - nd] if meta.prefill_masks else \
             causal_mask(q_len, seq_len, meta.sliding_window, q.device)
+        if scores is not None and i in scores.rows:
+            o, weights = explicit_attention(query, keys, values, mask, scale, scores.rows[i])
+            scores.add(i, weights)
+            out[start:start + q_len] = o.transpose(0, 1)
+            continue
         # A leading batch dimension lets PyTorch's CPU flash kernel run (3-D inputs take the slow math path).
         o = F.scaled_dot_product_attention(query.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
                                            attn_mask=mask, is_causal=mask is None, scale=scale,
@@ -139,14 +167,42 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     return out
 
 
+def explicit_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                       mask: torch.Tensor | None, scale: float, rows: int,
+                       block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's attention with its softmax weights in hand: query [heads, q_len, hd], keys and
+    values [kv_heads, seq_len, hd], ``mask`` [q_len, seq_len] bool (None: causal). Returns the output
+    [heads, q_len, hd] and the weights of the last ``rows`` queries summed over heads and rows
+    [seq_len] float32. Queries go ``block`` at a time, which bounds the weights held at once."""
+    heads, q_len, _ = query.shape
+    seq_len = keys.shape[1]
+    group = heads // keys.shape[0]
+    keys = keys.repeat_interleave(group, 0)  # [heads, seq_len, hd]
+    values = values.repeat_interleave(group, 0)
+    if mask is None:
+        mask = causal_mask(q_len, seq_len, None, query.device)
+    out = torch.empty_like(query)
+    total = torch.zeros(seq_len, dtype=torch.float32, device=query.device)
+    for lo in range(0, q_len, block):
+        hi = min(q_len, lo + block)
+        logits = torch.matmul(query[:, lo:hi], keys.transpose(-1, -2)).float() * scale  # [heads, hi-lo, seq_len]
+        weights = torch.softmax(logits.masked_fill_(~mask[lo:hi], float("-inf")), dim=-1)
+        out[:, lo:hi] = torch.matmul(weights.to(query.dtype), values)
+        first = max(lo, q_len - rows)
+        if first < hi:
+            total += weights[:, first - lo:].sum((0, 1))
+    return out, total
+
+
 def _batched_decode(q: torch.Tensor, cache: LayerCache, tables: torch.Tensor, seq_lens: list[int],
-                    block_size: int, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+                    block_size: int, mask: torch.Tensor | None, scale: float,
+                    collect: AttentionScores | None = None, first: int = 0) -> torch.Tensor:
     """Single-token queries of several sequences at once: two grouped matmuls, a float32 softmax.
 
     q [n, heads, hd] -> [n, heads, hd]. The sequences are padded to the longest of them and ``mask``
     hides the padding; with no mask, one sequence is gathered to its exact length. (PyTorch's CPU
     SDPA kernel is several times slower than this for one query per sequence, and wants another
-    layout.)
+    layout.) Sequences ``first + j`` that ``collect`` names get their weights added to it.
     """
     n, heads, hd = q.shape
     width = -(-max(seq_lens) // block_size)
@@ -160,6 +216,10 @@ def _batched_decode(q: torch.Tensor, cache: LayerCache, tables: torch.Tensor, se
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1).to(q.dtype)
+    if collect is not None:
+        for j in range(n):
+            if first + j in collect.rows:
+                collect.add(first + j, weights[:, j, :, :seq_lens[j]].float().sum((0, 1)))  # [seq_len]
     out = cache.weighted_values(weights, flat)  # [kv_heads, n, group, hd]
     return out.transpose(0, 1).reshape(n, heads, hd)
 

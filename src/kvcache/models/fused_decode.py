@@ -1,15 +1,18 @@
-"""A llama-family decode step as one call into ``kvcache.kernels`` (decode.c), when it applies.
+"""A llama-family step of few tokens as one call into ``kvcache.kernels`` (decode.c), when it applies.
 
 The PyTorch forward of one SmolLM2 decode step runs ~40 operators per layer at 5-10 us of dispatch
 each: ~20 ms a token, as much as reading the weights. :class:`FusedDecode` hands the whole stack
 of layers to one C function instead: per step Python computes the embeddings and RoPE tables,
-passes the plan's slot mappings, block tables and lengths, and gets the last hidden states back.
+passes the plan's slot mappings, block tables and each token's visible keys, and gets the last
+hidden states back.
 
-It applies when every sequence of the step decodes one token, there are at most
-``MAX_SEQUENCES`` of them (more rows go to PyTorch's GEMM), the model computes in float32 on the
-CPU with the paged attention, the kernels are built, and every layer's cache keeps plain float32 or
-bfloat16 keys and values. Anything else takes the PyTorch path, which computes the same function
-(the tests hold the two together).
+It applies when the step has at most ``MAX_TOKENS`` tokens (decodes, a verification of drafts, a
+short prompt; more rows go to PyTorch's GEMM), the model computes in float32 on the CPU with the
+paged attention, the kernels are built, every layer's cache keeps plain float32 or bfloat16 keys
+and values, and no eviction policy (h2o, snapkv) asked for the step's attention weights; the live
+slots of a policy that evicted are read like any others (each token sees its table's first
+seq_len slots, compacted). Anything else takes the PyTorch path, which computes the same function (the tests
+hold the two together).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from kvcache.cache.storage import LayerCache
 from kvcache.models.attention import AttentionMetadata, paged_attention
 from kvcache.models.packed import PackedLinear
 
-MAX_SEQUENCES = 8
+MAX_TOKENS = 16
 
 
 def _weight(linear: PackedLinear) -> kernels.Weight:
@@ -70,17 +73,23 @@ class FusedDecode:
 
     def run(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
             metas: Sequence[AttentionMetadata]) -> torch.Tensor:
-        """h [n, hidden] float32 embeddings -> the last layer's output [n, hidden] (in place)."""
+        """h [n, hidden] float32 embeddings of the step's tokens -> the last layer's output [n, hidden]
+        (in place)."""
         n = h.shape[0]
         cos, sin = (t.reshape(n, -1).contiguous() for t in cos_sin)  # [n, head_dim]
-        keep = []  # the plan's tensors live until the call returns
+        query_lens = metas[0].query_lens
+        token_seq = torch.repeat_interleave(torch.arange(len(query_lens), dtype=torch.int32),
+                                            torch.tensor(query_lens))  # [n]
+        keep = [token_seq]  # the plan's tensors live until the call returns
         plans = (kernels.GroupPlan * len(metas))()
         for g, meta in enumerate(metas):
             tables = meta.block_tables.contiguous()
-            lens = torch.tensor(meta.seq_lens, dtype=torch.int32)
-            keep += [tables, lens]
-            plans[g] = kernels.GroupPlan(meta.slot_mapping.data_ptr(), tables.data_ptr(), lens.data_ptr(),
-                                         tables.shape[1])
+            # a sequence's query j of q sees seq_len - q + 1 + j keys (itself and what comes before)
+            keys = torch.tensor([length - q + 1 + j for q, length in zip(query_lens, meta.seq_lens) for j in range(q)],
+                                dtype=torch.int32)  # [n]
+            keep += [tables, keys]
+            plans[g] = kernels.GroupPlan(meta.slot_mapping.data_ptr(), tables.data_ptr(), token_seq.data_ptr(),
+                                         keys.data_ptr(), tables.shape[1])
         h = h.contiguous()
         status = kernels.library().kv_llama_decode(ctypes.byref(self.model), n, h.data_ptr(), cos.data_ptr(),
                                                    sin.data_ptr(), plans, torch.get_num_threads())
@@ -90,8 +99,7 @@ class FusedDecode:
 
 
 def applies(model, h: torch.Tensor, metas: Sequence[AttentionMetadata]) -> bool:
-    """Whether this step can run fused: decodes only, few of them, float32 on the CPU, paged attention."""
-    meta = metas[0]
-    n = len(meta.query_lens)
+    """Whether this step can run fused: few tokens, float32 on the CPU, paged attention, and no
+    eviction policy waiting for the step's attention weights (the kernel does not hand them out)."""
     return (model.attention_fn is paged_attention and h.dtype == torch.float32 and h.device.type == "cpu"
-            and 0 < n <= MAX_SEQUENCES and all(m.num_decodes == n for m in metas))
+            and 0 < h.shape[0] <= MAX_TOKENS and all(m.scores is None for m in metas))

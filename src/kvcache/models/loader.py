@@ -205,7 +205,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor | PackedW
     return config, weights, tokenizer_from_gguf_metadata(meta)
 
 
-_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # GGUF block sizes, 32 values each
+_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # GGUF block sizes, 32 values each (see weight_shapes too)
 
 
 def native_blocks(tensor) -> PackedWeight | None:
@@ -368,6 +368,34 @@ def save_hf_folder(folder: Path, config: ModelConfig, weights: dict[str, torch.T
     save_file({k: (dequantize(v) if isinstance(v, PackedWeight) else v).contiguous() for k, v in weights.items()},
               str(folder / "model.safetensors"))
     tokenizer.save_pretrained(folder)
+
+
+_GGUF_PACKED = {"Q8_0": "q8_0", "Q4_0": "q4_1", "Q4_1": "q4_1"}
+
+
+def weight_shapes(path: str | os.PathLike | None) -> dict[str, tuple[tuple[int, ...], str | None]]:
+    """Each weight's HF name -> (shape, the format it is stored in as :func:`kvcache.models.packed.weight_format`
+    takes it: a packed format, "bfloat16", or None for float32), read off the file's header without
+    loading any tensor."""
+    resolved = model_path(path)
+    if not resolved.exists():
+        raise ValueError(f"Model path {str(resolved)!r} does not exist.")
+    folder = resolved if resolved.is_dir() else resolved.parent
+    if resolved.is_dir() or resolved.suffix == ".safetensors":
+        from safetensors import safe_open
+        shapes = {}
+        for shard in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(shard), framework="pt") as f:
+                for name in f.keys():
+                    part = f.get_slice(name)
+                    stored = "bfloat16" if part.get_dtype() == "BF16" and packable(name) else None
+                    shapes[name] = (tuple(part.get_shape()), stored)
+        return shapes
+    _, _, tensors, config = _open_gguf(resolved)
+    names = _gguf_names(config)
+    return {names[n]: (tuple(int(d) for d in reversed(t.shape)),
+                       _GGUF_PACKED.get(t.tensor_type.name) if packable(names[n]) and len(t.shape) == 2 else None)
+            for n, t in tensors.items() if n in names}
 
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:

@@ -280,8 +280,9 @@ def packable(name: str) -> bool:
 def weight_format(name: str, stored: str | None, weights_dtype: str, compute_dtype: str) -> str | None:
     """The format the engine keeps weight ``name`` in (None: a plain tensor in the model's dtype).
 
-    ``stored`` is the packed format the file holds it in (None for a float tensor). ``auto`` keeps
-    the file's blocks and multiplies float weights in the model's dtype; ``int4`` keeps the token
+    ``stored`` is the format the file holds it in: a packed one, "bfloat16" for a bfloat16 tensor,
+    None for a float32 one. ``auto`` keeps the file's blocks and bfloat16 tensors as they are and
+    float32 ones in the model's dtype; ``int4`` keeps the token
     embedding and output head in int8 (their rows are looked up one by one and they set every
     logit, so llama.cpp's 4-bit files keep them at 6-8 bits too)."""
     if not packable(name):
@@ -295,6 +296,30 @@ def weight_format(name: str, stored: str | None, weights_dtype: str, compute_dty
     return None if (name in _VOCAB and fmt == compute_dtype) else fmt
 
 
+def format_bytes(fmt: str | None, shape: tuple[int, ...], compute_dtype: str) -> int:
+    """Bytes a weight of this shape takes in ``fmt`` (None: a plain tensor in the compute dtype)."""
+    values = 1
+    for d in shape:
+        values *= d
+    per_value = {"float32": 4.0, "bfloat16": 2.0, "q8_0": 1 + 2 / BLOCK, "q4_1": 0.5 + 4 / BLOCK}
+    return int(values * per_value[fmt or compute_dtype])
+
+
+def planned_weight_bytes(shapes: dict[str, tuple[tuple[int, ...], str | None]], weights_dtype: str,
+                         compute_dtype: str, tied: bool) -> dict[str, int]:
+    """The bytes the engine will hold for weights of these shapes (as :func:`kvcache.models.loader.weight_shapes`
+    reads them) in ``weights_dtype``, per format, without loading them: the planner's side of
+    ``stats()["weight_bytes"]``. With ``tied`` embeddings an ``lm_head`` in the file is not held."""
+    weights_dtype = parse_weights_dtype(weights_dtype)
+    held: dict[str, int] = {}
+    for name, (shape, stored) in shapes.items():
+        if "rotary_emb" in name or (tied and name == "lm_head.weight"):
+            continue
+        fmt = weight_format(name, stored, weights_dtype, compute_dtype) or compute_dtype
+        held[fmt] = held.get(fmt, 0) + format_bytes(fmt, shape, compute_dtype)
+    return held
+
+
 def prepare_weights(weights: dict[str, torch.Tensor | PackedWeight], weights_dtype: str,
                     compute_dtype: str) -> dict[str, torch.Tensor | PackedWeight]:
     """Each weight in the format the engine keeps it in (see :func:`weight_format`): packed weights
@@ -303,12 +328,13 @@ def prepare_weights(weights: dict[str, torch.Tensor | PackedWeight], weights_dty
     weights_dtype = parse_weights_dtype(weights_dtype)
     prepared: dict[str, torch.Tensor | PackedWeight] = {}
     for name, w in weights.items():
-        stored = w.fmt if isinstance(w, PackedWeight) else None
+        # a file's bfloat16 tensors count as stored in that format: auto keeps them so
+        stored = w.fmt if isinstance(w, PackedWeight) else "bfloat16" if w.dtype == torch.bfloat16 else None
         fmt = weight_format(name, stored, weights_dtype, compute_dtype)
         if fmt is None:
             prepared[name] = dequantize(w) if isinstance(w, PackedWeight) else w
         elif fmt == stored:
-            prepared[name] = w
+            prepared[name] = w if isinstance(w, PackedWeight) else PackedWeight(fmt, w)
         else:
             source = dequantize(w) if isinstance(w, PackedWeight) else w
             if fmt in QUANTIZED and source.shape[1] % BLOCK:

@@ -17,6 +17,13 @@ class ScheduledSequence:
     sample: bool  # True when this step reaches the end of the known tokens
     num_spec_tokens: int = 0  # the last token_ids are drafts: a sampling sequence then gets logits
     # for its last num_spec_tokens + 1 positions (the verification rows)
+    kv_offsets: tuple[int, ...] = ()  # per cache group: tokens its eviction policy dropped, so a token
+    # at position p has slot index p - offset (empty: all 0, nothing evicted)
+    score_rows: tuple[int, ...] = ()  # per cache group: the last query rows whose attention weights
+    # the eviction policy wants back (empty: none)
+
+    def kv_offset(self, group: int) -> int:
+        return self.kv_offsets[group] if self.kv_offsets else 0
 
     @property
     def num_logit_rows(self) -> int:
@@ -33,6 +40,7 @@ class SchedulerOutput:
     moves to perform before the forward."""
 
     sequences: tuple[ScheduledSequence, ...] = ()
+    slot_moves: tuple[tuple[int, int], ...] = ()  # (src slot, dst slot) of evictions, performed first
     block_copies: tuple[tuple[int, int], ...] = ()  # (src, dst) copy-on-write
     swap_out: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (request id, device blocks to save)
     swap_in: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (request id, device blocks to restore into)
@@ -48,4 +56,4 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.sequences and not self.swap_out
+        return not self.sequences and not self.swap_out and not self.slot_moves

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 from kvcache.cache.storage import KVCache
-from kvcache.models.attention import AttentionMetadata, build_masks
+from kvcache.models.attention import AttentionMetadata, AttentionScores, build_masks
 from kvcache.models.llama import LlamaForCausalLM
 from kvcache.runtime.plan import ScheduledSequence, SchedulerOutput
 
@@ -18,12 +18,16 @@ class ModelOutput:
     request_ids: list[str]  # the sequences that asked to sample, in the runner's order
     logits: torch.Tensor  # [sum(num_rows), vocab] float32, each sequence's rows together
     num_rows: list[int]  # per sequence: 1, or k + 1 for a verification of k drafts
+    # request id -> per cache group: the attention weights its eviction policy asked for, [live] or None
+    attention_scores: dict[str, tuple[torch.Tensor | None, ...]] = field(default_factory=dict)
 
-    def rows(self) -> dict[str, torch.Tensor]:
-        """Each sampling sequence's logits: [num_rows, vocab]."""
+    def rows(self) -> dict[str, tuple[torch.Tensor, list[int]]]:
+        """Each sampling sequence's logits [num_rows, vocab] and each row's most likely token (the
+        argmax of the whole batch is taken in one call, for greedy requests)."""
+        best = self.logits.argmax(dim=-1).tolist() if self.request_ids else []
         out, start = {}, 0
         for request_id, n in zip(self.request_ids, self.num_rows):
-            out[request_id] = self.logits[start:start + n]
+            out[request_id] = (self.logits[start:start + n], best[start:start + n])
             start += n
         return out
 
@@ -40,9 +44,14 @@ class ModelRunner:
         self.on_evicted: Callable[[Sequence[tuple[int, bytes]], Sequence[memoryview]], None] | None = None
 
     def execute(self, plan: SchedulerOutput) -> ModelOutput:
+        # cached blocks the pool handed out again are saved before anything writes to them (a slot
+        # move's destination may be one)
         if plan.evicted and self.on_evicted is not None:
             self.on_evicted([(g, h) for _, g, h in plan.evicted],
                             self.storage.export_blocks([b for b, _, _ in plan.evicted]))
+        # evictions first: their destinations are blocks they held (or took) before this step's
+        # preemptions freed any, and their sources may be handed to others below
+        self.storage.move_slots(list(plan.slot_moves))
         for request_id, block_ids in plan.swap_out:
             self.host_blocks[request_id] = self.storage.read_blocks(list(block_ids))
         self.storage.copy_blocks(list(plan.block_copies))
@@ -58,7 +67,7 @@ class ModelRunner:
         rows = torch.tensor(logit_rows(seqs), dtype=torch.long, device=self.device)
         sampled = [s for s in seqs if s.sample]
         return ModelOutput([s.request_id for s in sampled], self.model.compute_logits(hidden[rows]),
-                           [s.num_logit_rows for s in sampled])
+                           [s.num_logit_rows for s in sampled], collected_scores(seqs, meta))
 
     def drop_host_blocks(self, request_id: str) -> None:
         self.host_blocks.pop(request_id, None)
@@ -80,16 +89,17 @@ class ModelRunner:
         while num_decodes < len(seqs) and is_decode(seqs[num_decodes]):
             num_decodes += 1
         metas: list[AttentionMetadata] = []
-        masked: dict[int | None, AttentionMetadata] = {}
+        masked: dict[tuple, AttentionMetadata] = {}
         for group in self.storage.groups:
             meta = self._group_metadata(seqs, group.group_id, num_decodes, group.spec.window)
-            if group.spec.window in masked:
-                like = masked[group.spec.window]
+            key = (group.spec.window, tuple(meta.seq_lens))  # evictions may leave groups' lengths apart
+            if key in masked:
+                like = masked[key]
                 meta.decode_groups, meta.decode_masks, meta.prefill_masks = \
                     like.decode_groups, like.decode_masks, like.prefill_masks
             else:
                 build_masks(meta, self.device)
-                masked[group.spec.window] = meta
+                masked[key] = meta
             metas.append(meta)
         return (torch.tensor(tokens, dtype=torch.long, device=self.device),
                 torch.tensor(positions, dtype=torch.long, device=self.device), metas)
@@ -99,19 +109,22 @@ class ModelRunner:
         """One group's slot mapping and block tables for the step (masks are filled separately)."""
         bs = self.storage.block_size
         slots: list[int] = []
-        for s in seqs:
+        offsets = [s.kv_offset(group) for s in seqs]  # slot index = position - offset (eviction)
+        for s, off in zip(seqs, offsets):
             table = s.block_tables[group]
-            slots.extend(table[pos // bs] * bs + pos % bs for pos in range(s.start_position, s.seq_len))
+            slots.extend(table[i // bs] * bs + i % bs for i in range(s.start_position - off, s.seq_len - off))
         skips = [blocks_out_of_window(s, window, bs) for s in seqs]
         tables = [s.block_tables[group][skip:] for s, skip in zip(seqs, skips)]
         width = max(len(t) for t in tables)
         rows = [[max(b, 0) for b in t] + [0] * (width - len(t)) for t in tables]
+        wanted = {i: s.score_rows[group] for i, s in enumerate(seqs) if s.score_rows and s.score_rows[group]}
         return AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             query_lens=[len(s.token_ids) for s in seqs],
-            seq_lens=[s.seq_len - skip * bs for s, skip in zip(seqs, skips)],
+            seq_lens=[s.seq_len - off - skip * bs for s, off, skip in zip(seqs, offsets, skips)],
             block_tables=torch.tensor(rows, dtype=torch.long, device=self.device),  # [num_seqs, width]
-            block_size=bs, num_decodes=num_decodes, sliding_window=window)
+            block_size=bs, num_decodes=num_decodes, sliding_window=window,
+            scores=AttentionScores(wanted) if wanted else None)
 
 
 def blocks_out_of_window(s: ScheduledSequence, window: int | None, block_size: int) -> int:
@@ -125,6 +138,16 @@ def blocks_out_of_window(s: ScheduledSequence, window: int | None, block_size: i
         return 0
     first_visible = s.seq_len - len(s.token_ids) - window + 1  # position of the earliest key any query sees
     return max(0, first_visible) // block_size
+
+
+def collected_scores(seqs: tuple[ScheduledSequence, ...],
+                     metas: list[AttentionMetadata]) -> dict[str, tuple[torch.Tensor | None, ...]]:
+    """The attention weights each sequence's policy asked for, per group ([live] float32 or None)."""
+    out: dict[str, list[torch.Tensor | None]] = {}
+    for g, meta in enumerate(metas):
+        for i, weights in (meta.scores.totals.items() if meta.scores else ()):
+            out.setdefault(seqs[i].request_id, [None] * len(metas))[g] = weights
+    return {request_id: tuple(w) for request_id, w in out.items()}
 
 
 def is_decode(s: ScheduledSequence) -> bool:

@@ -127,7 +127,8 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
             return SamplingParams(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                                   top_k=req.top_k, seed=req.seed, stop=req.stop, ignore_eos=req.ignore_eos,
                                   logprobs=logprobs, cache_salt=req.cache_salt,
-                                  output_kind="delta" if req.stream else "final")
+                                  output_kind="delta" if req.stream else "final",
+                                  kv_policy=req.kv_policy, kv_budget=req.kv_budget)
         except ValueError as err:  # SamplingParams' messages start with the field's name
             field_name = str(err).split(" ", 1)[0]
             raise APIError(400, str(err), field_name if field_name in SamplingParams.__dataclass_fields__

@@ -28,6 +28,8 @@ COUNTERS = {  # prometheus-client adds the _total suffix
     "kvcache_spec_drafted_tokens": ("spec_drafted_tokens", "Speculative draft tokens verified."),
     "kvcache_spec_accepted_tokens": ("spec_accepted_tokens", "Speculative draft tokens accepted."),
     "kvcache_spec_verifications": ("spec_verifications", "Steps that verified drafts, per request."),
+    "kvcache_kv_tokens_evicted": ("num_tokens_evicted", "KV tokens dropped by eviction policies."),
+    "kvcache_kv_blocks_evicted": ("num_blocks_evicted", "KV blocks given back because their tokens were evicted."),
 }
 
 

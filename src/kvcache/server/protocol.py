@@ -35,6 +35,10 @@ class _Common(BaseModel):
     ignore_eos: bool = False
     cache_salt: str | None = None
     user: str | None = None
+    kv_policy: str | None = None  # extension: full, streaming, h2o or snapkv (default: the server's)
+    # extension: KV tokens kept, or a fraction of the sequence; checked by SamplingParams, whose sentence
+    # says both forms (a union here would answer "should be a valid integer" to 0.2's mistakes)
+    kv_budget: Any = None
 
     def check_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
