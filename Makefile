@@ -36,10 +36,13 @@ setup-gemma3: $(VENV)/.installed-gemma3
 run: setup
 	$(BIN)/kvcache generate --chat "$(PROMPT)"
 
-# The live-page test drives Debian's headless chromium; install it where it is missing (root, as on CI).
+# The live-page test drives Debian's headless chromium and the KV offload tests start their own
+# redis-server on a free loopback port; install them where they are missing (root, as on CI).
 test: setup-test
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 		apt-get install -y -qq chromium >/dev/null; } || echo "note: could not install chromium (not root?)"
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq redis-server >/dev/null; } || echo "note: could not install redis-server (not root?)"
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: setup-test

@@ -48,6 +48,13 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._by_hash: dict[tuple[int, BlockHash], KVBlock] = {}  # (group, chain hash) -> block
+        # for the offload tiers (off unless the engine has them): (block id, group, chain hash) of
+        # cached blocks handed out again (their KV is still intact until the step runs), and of
+        # blocks registered as they fill
+        self.record_evictions = False
+        self.record_fills = False
+        self._evicted: list[tuple[int, int, BlockHash]] = []
+        self._filled: list[tuple[int, int, BlockHash]] = []
 
     @property
     def num_free(self) -> int:
@@ -69,6 +76,8 @@ class BlockPool:
         taken = []
         for _ in range(count):
             _, block = self._free.popitem(last=False)
+            if self.record_evictions and block.block_hash is not None:
+                self._evicted.append((block.block_id, block.group, block.block_hash))
             self._forget_hash(block)
             block.ref_count = 1
             taken.append(block.block_id)
@@ -110,6 +119,18 @@ class BlockPool:
         if block.block_hash is None:
             block.block_hash, block.group = block_hash, group
             self._by_hash[(group, block_hash)] = block
+            if self.record_fills:
+                self._filled.append((block_id, group, block_hash))
+
+    def take_evicted(self) -> list[tuple[int, int, BlockHash]]:
+        """(block id, group, chain hash) of every cached block handed out since the last call."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    def take_filled(self) -> list[tuple[int, int, BlockHash]]:
+        """(block id, group, chain hash) of every block registered since the last call."""
+        filled, self._filled = self._filled, []
+        return filled
 
     def unregister(self, block_id: int) -> None:
         """Make a block unfindable by prefix hash (its tokens are about to change)."""

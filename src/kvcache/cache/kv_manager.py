@@ -28,8 +28,14 @@ from typing import Protocol, Sequence
 
 from kvcache.cache.block_pool import BlockHash, BlockPool, hash_block
 from kvcache.cache.policies import PolicyState
+from kvcache.cache.tiers import TierBlock
 
 NULL_BLOCK = -1  # a table entry whose block a sliding window gave back
+
+
+def _in_pool(entry: int | TierBlock) -> bool:
+    """Is this table entry (of a prefix hit) a block of the pool, not a placeholder or a tier's block?"""
+    return not isinstance(entry, TierBlock) and entry != NULL_BLOCK
 
 
 def _num_released(table: list[int]) -> int:
@@ -54,15 +60,24 @@ def _policy(seq: CachedSequence) -> PolicyState | None:
     return getattr(seq, "kv_state", None)
 
 
+class PrefixTiers(Protocol):
+    """The offload tiers below the pool, as the prefix lookup sees them (see :mod:`kvcache.cache.tiers`)."""
+
+    def fetch(self, blocks: Sequence[tuple[int, BlockHash]], num_tokens: int) -> list[TierBlock]:
+        """The leading run of ``blocks`` ((group, chain hash)) some tier holds intact, found within
+        the time computing ``num_tokens`` tokens would take."""
+
+
 @dataclass(frozen=True)
 class PrefixHit:
     """The leading ``num_blocks`` full blocks of a sequence found cached, in every group.
 
-    ``tables[g]`` lists group g's blocks for them, NULL_BLOCK where g's window no longer needs one.
+    ``tables[g]`` lists group g's blocks for them, NULL_BLOCK where g's window no longer needs one,
+    and a :class:`TierBlock` for one found in an offload tier (it gets a fresh block on admission).
     """
 
     num_blocks: int
-    tables: tuple[tuple[int, ...], ...]
+    tables: tuple[tuple[int | TierBlock, ...], ...]
 
     @staticmethod
     def none(num_groups: int) -> "PrefixHit":
@@ -83,6 +98,8 @@ class KVCacheManager:
         self._pending_moves: list[tuple[int, int]] = []  # (src slot, dst slot), executed first of all
         self.num_tokens_evicted = 0  # every group together, since the start
         self.num_blocks_evicted = 0  # blocks given back because their tokens were evicted
+        self.tiers: PrefixTiers | None = None  # offload tiers asked when the pool misses
+        self._pending_loads: dict[int, TierBlock] = {}  # fresh block -> tier bytes, copied before the next forward
 
     @property
     def num_groups(self) -> int:
@@ -150,13 +167,32 @@ class KVCacheManager:
         num_tokens = len(seq.all_token_ids)
         self._update_hashes(seq, num_tokens)
         hashes = seq.block_hashes[: (num_tokens - 1) // self.block_size]
-        found = [[self.pool.lookup(h, g) for h in hashes] for g in range(self.num_groups)]
+        found: list[list] = [[self.pool.lookup(h, g) for h in hashes] for g in range(self.num_groups)]
         n = len(hashes)
         while n and not all(self._covers(found[g], g, n) for g in range(self.num_groups)):
             n -= 1
+        if self.tiers is not None and n < len(hashes):
+            n = self._extend_from_tiers(hashes, found, n)
         tables = tuple(tuple(NULL_BLOCK if i < self.first_live_block(g, n * self.block_size) else found[g][i]
                              for i in range(n)) for g in range(self.num_groups))
         return PrefixHit(n, tables)
+
+    def _extend_from_tiers(self, hashes: list[BlockHash], found: list[list], n: int) -> int:
+        """Lengthen the pool's run of ``n`` cached blocks with blocks from the offload tiers: the
+        missing blocks each group needs for a run of ``limit`` blocks are fetched in block order
+        (``found[g][i]`` becomes a TierBlock); a miss at block j shortens the run to j, which may
+        need earlier blocks of a sliding group, so the loop asks again until nothing is missing."""
+        limit = len(hashes)
+        while limit > n:
+            wanted = [(g, i) for i in range(n, limit) for g in range(self.num_groups)
+                      if found[g][i] is None and i >= self.first_live_block(g, limit * self.block_size)]
+            got = self.tiers.fetch([(g, hashes[i]) for g, i in wanted], (limit - n) * self.block_size)
+            for (g, i), block in zip(wanted, got):
+                found[g][i] = block
+            if len(got) == len(wanted):
+                return limit
+            limit = wanted[len(got)][1]
+        return n
 
     def _covers(self, found: list[int | None], group: int, n: int) -> bool:
         """Does group ``group`` hold every block that a query right after ``n`` blocks can see?"""
@@ -181,8 +217,9 @@ class KVCacheManager:
             needed += max(0, self.blocks_for(stored + num_new_tokens) - len(entries))
             needed += self._needs_copy_on_write(entries, stored, num_new_tokens)
             freed += sum(1 for b in self._outside_window(entries, g, computed) if self.pool.ref_count(b) == 1)
-        revived = sum(1 for t in hit.tables for b in t if b != NULL_BLOCK and self.pool.ref_count(b) == 0)
-        return needed <= self.pool.num_free - revived + freed
+        revived = sum(1 for t in hit.tables for b in t if _in_pool(b) and self.pool.ref_count(b) == 0)
+        loads = sum(1 for t in hit.tables for b in t if isinstance(b, TierBlock))
+        return needed + loads <= self.pool.num_free - revived + freed
 
     def _needs_copy_on_write(self, table: list[int], computed: int, num_new_tokens: int) -> bool:
         """True when the first slot this step writes lies in a block another request also holds."""
@@ -210,8 +247,9 @@ class KVCacheManager:
         tables = self.tables(seq)
         if hit and hit.num_blocks:
             for table, cached in zip(tables, hit.tables):
-                self.pool.take(b for b in cached if b != NULL_BLOCK)
+                self.pool.take(b for b in cached if _in_pool(b))
                 table.extend(cached)
+            self._load_tier_blocks(seq, tables)
             seq.num_computed_tokens += hit.num_blocks * self.block_size
         computed = seq.num_computed_tokens
         end = computed + num_new_tokens
@@ -393,6 +431,23 @@ class KVCacheManager:
             for i in range(first // self.block_size, num_tokens_with_kv // self.block_size):
                 self.pool.register(table[i], seq.block_hashes[i], g)
 
+    def _load_tier_blocks(self, seq: CachedSequence, tables: list[list]) -> None:
+        """Give every TierBlock entry of the tables a fresh block, findable by its hash at once
+        (its bytes are copied in before the step's forward, see :meth:`take_pending_loads`)."""
+        for g, table in enumerate(tables):
+            for i, entry in enumerate(table):
+                if isinstance(entry, TierBlock):
+                    (block_id,) = self.pool.allocate(1)
+                    self.pool.register(block_id, seq.block_hashes[i], g)
+                    self._pending_loads[block_id] = entry
+                    table[i] = block_id
+
+    def take_pending_loads(self) -> list[tuple[int, TierBlock]]:
+        """(block, tier bytes) copies the runner must perform before this step's forward."""
+        loads = list(self._pending_loads.items())
+        self._pending_loads.clear()
+        return loads
+
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """(src, dst) block copies the runner must perform before this step's forward."""
         copies = [(src, dst) for dst, src in self._pending_copies.items()]
@@ -407,6 +462,8 @@ class KVCacheManager:
             held = [b for b in table if b != NULL_BLOCK]
             for block_id in held:
                 self._pending_copies.pop(block_id, None)
+                if self._pending_loads.pop(block_id, None) is not None:
+                    self.pool.unregister(block_id)  # its bytes never arrived
             self.pool.release(reversed(held))
             table.clear()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from kvcache.cache.quant import SCALE_DTYPE, Codec, codec_for, hadamard_rotation
@@ -190,6 +191,28 @@ class GroupStorage:
     def put_blocks(self, index: torch.Tensor, data: list[torch.Tensor]) -> None:
         for region, part in zip(self.regions.values(), data):
             region[:, :, index] = part.to(self.device)
+
+    def export_blocks(self, index: torch.Tensor) -> torch.Tensor:
+        """The blocks' bytes as stored, one row per block, every region's slice in layout order:
+        [len(index), bytes per block] uint8 on the CPU (the offload tiers' block body)."""
+        n = len(index)
+        parts = [region[:, :, index].movedim(2, 0).reshape(n, -1).view(torch.uint8)  # [n, region bytes per block]
+                 for region in self.regions.values()]
+        return torch.cat(parts, dim=1).cpu()
+
+    def import_blocks(self, index: torch.Tensor, rows: torch.Tensor) -> None:
+        """Write rows from :meth:`export_blocks` ([len(index), bytes per block] uint8) into these blocks."""
+        n, offset = len(index), 0
+        for region in self.regions.values():
+            shape = (region.shape[0], region.shape[1], *region.shape[3:])  # one block: [layers, heads, ...]
+            size = math.prod(shape) * region.element_size()
+            part = rows[:, offset:offset + size].contiguous().view(region.dtype).view(n, *shape)
+            region[:, :, index] = part.movedim(0, 2).to(self.device)  # [layers, heads, n, ...]
+            offset += size
+
+    def block_layout(self) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+        """(region, dtype, shape of one block's slice) in layout order: what a block body holds."""
+        return tuple((name, str(r.dtype), (r.shape[0], r.shape[1], *r.shape[3:])) for name, r in self.regions.items())
 
 
 class PlainGroup(GroupStorage):
@@ -544,6 +567,24 @@ class KVCache:
     def write_blocks(self, block_ids: list[int], data: list[torch.Tensor]) -> None:
         """Put a host copy from :meth:`read_blocks` back, into (possibly other) block ids."""
         self.pages.put_blocks(torch.tensor(block_ids, device=self.device), data)
+
+    def export_blocks(self, block_ids: list[int]) -> list[memoryview]:
+        """Each block's bytes exactly as stored (every region, the format's own encoding), one
+        :attr:`block_nbytes`-long view per block, for the offload tiers."""
+        rows = self.pages.export_blocks(torch.tensor(block_ids, device=self.device)).numpy()
+        return [rows[i].data for i in range(len(block_ids))]
+
+    def import_blocks(self, block_ids: list[int], bodies: list) -> None:
+        """Write bodies from :meth:`export_blocks` (any bytes-like objects) into these blocks."""
+        rows = torch.empty(len(block_ids), self.block_nbytes, dtype=torch.uint8)  # [n, block bytes]
+        view = rows.numpy()
+        for i, body in enumerate(bodies):
+            view[i] = np.frombuffer(body, dtype=np.uint8)
+        self.pages.import_blocks(torch.tensor(block_ids, device=self.device), rows)
+
+    def block_layout(self) -> tuple:
+        """What one block body holds: (region, dtype, per-block shape) in order."""
+        return self.pages.block_layout()
 
 
 def _allocate(group: KVCacheGroup, num_blocks: int, block_size: int, device: torch.device) -> GroupStorage:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from kvcache.cache.offload_config import SPEC_HELP, parse_kv_offload
 from kvcache.cli.errors import check_text
 from kvcache.config import (KV_POLICIES, SamplingParams, SchedulerConfig, check_kv_budget, parse_weights_dtype,
                             speculative_config)
@@ -104,6 +105,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="sequences per step (default: 64)")
     parser.add_argument("--max-num-batched-tokens", type=int_between(1, BIG), default=2048,
                         help="tokens per step (default: 2048)")
+    parser.add_argument("--kv-offload", metavar="TIERS",
+                        help=f"offload tiers below the KV pool, {SPEC_HELP}: host memory gets blocks the pool "
+                             "evicts, disk and redis every block as it fills; a prefix the pool misses is "
+                             "copied back from them (default: none)")
     add_threads_option(parser)
     parser.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"],
                         help="when KV blocks run out, recompute a preempted request's KV later or swap it "
@@ -145,6 +150,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_memory": parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None,
         "enable_prefix_caching": not args.no_prefix_caching,
         "max_model_len": args.max_model_len,
+        "kv_offload": parse_kv_offload(args.kv_offload),
         "speculative": speculative_config(args.speculative, args.num_speculative_tokens, args.draft_model,
                                           adaptive=not args.always_speculate),
         "kv_policy": args.kv_policy, "kv_budget": parse_kv_budget(args.kv_budget),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Sequence
@@ -13,6 +14,7 @@ import torch
 from kvcache import kernels
 from kvcache.cache.block_pool import BlockPool
 from kvcache.cache.kv_manager import NULL_BLOCK, KVCacheManager
+from kvcache.cache.offload_config import OffloadConfig, parse_kv_offload
 from kvcache.cache.policies import KVPolicy, PolicyState
 from kvcache.cache.spec import group_layers, layer_specs, num_blocks_for_budget, resolve_kv_cache_dtype
 from kvcache.cache.storage import KVCache
@@ -20,6 +22,7 @@ from kvcache.config import (CacheConfig, SamplingParams, SchedulerConfig, Specul
                             parse_model_dtype, parse_weights_dtype, speculative_config)
 from kvcache.engine.detokenizer import IncrementalDetokenizer
 from kvcache.engine.draft_model import DraftModelDrafter, load_draft_model
+from kvcache.engine.offload import EngineOffload, assumed_seconds_per_token, kv_fingerprint, weights_identity
 from kvcache.engine.request import Request, RequestStatus
 from kvcache.engine.scheduler import Scheduler
 from kvcache.engine.spec_gate import SpeculationGate
@@ -147,7 +150,10 @@ class LLMEngine:
                  speculative: str | SpeculativeConfig | None = None, num_speculative_tokens: int | None = None,
                  draft_model: str | None = None, adaptive_speculation: bool = True,
                  weights_dtype: str = "auto", kv_policy: str = "full",
-                 kv_budget: int | float | None = None) -> None:
+                 kv_budget: int | float | None = None, kv_offload: str | OffloadConfig | None = None) -> None:
+        offload_config = parse_kv_offload(kv_offload)
+        if offload_config is not None and not enable_prefix_caching:
+            raise ValueError("kv_offload finds blocks by their prefix hashes; it needs prefix caching on.")
         if isinstance(kv_cache_memory, str):
             kv_cache_memory = parse_bytes(kv_cache_memory)
         self.kv_policy = KVPolicy(kv_policy, kv_budget)  # the default of requests that name none
@@ -182,6 +188,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool, block_size, tuple(g.spec.window for g in self.kv_groups))
         self.scheduler = Scheduler(self.scheduler_config, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.model, self.storage)
+        self.offload = self._make_offload(offload_config, loaded)
         self.drafter = self._make_drafter(draft, draft_groups, blocks, enable_prefix_caching)
         self.spec = SpecCounters()
         self.spec_gate = SpeculationGate() if spec is not None and spec.adaptive else None
@@ -358,6 +365,25 @@ class LLMEngine:
                                  KVCache(draft_groups[0], num_blocks, self.cache_config.block_size, self.device),
                                  spec.num_speculative_tokens, self.scheduler_config, enable_prefix_caching)
 
+    def _make_offload(self, config: OffloadConfig | None, loaded: LoadedModel) -> EngineOffload | None:
+        """The offload tiers under the pool, keyed by this engine's KV fingerprint (None: no tiers)."""
+        if config is None:
+            return None
+        # the weights as this engine runs them: their storage format (float32, Q8_0...) changes the KV too
+        weights_id = weights_identity(self.model.state_dict())
+        fingerprint = kv_fingerprint(weights_id, loaded.config, f"{self.dtype}|{self.weight_formats}", self.storage)
+        num_params = sum(math.prod(w.shape) for w in loaded.weights.values())  # tensors or packed weights
+        offload = EngineOffload(config, fingerprint, self.storage, self.pool, self.kv,
+                                assumed_seconds_per_token(num_params))
+        self.runner.on_evicted = offload.save_evicted
+        return offload
+
+    def close(self) -> None:
+        """Write the offload tiers' pending stores and release them (threads, memory, connections).
+        Idempotent; also runs when the process exits normally."""
+        if self.offload is not None:
+            self.offload.close()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished
 
@@ -372,7 +398,13 @@ class LLMEngine:
                 self.drafter.free_cache(request_id)
         if plan.is_empty:
             return []
-        output = self.runner.execute(plan)
+        try:
+            output = self.runner.execute(plan)
+        except Exception:
+            if self.offload is not None:
+                self.offload.discard_step()
+            raise
+        forward_seconds = time.perf_counter() - started
         due = self.scheduler.step_done()
         if output.attention_scores:
             self._observe(plan, output.attention_scores)
@@ -394,6 +426,8 @@ class LLMEngine:
                 log.exception("request %s failed in a step and was ended alone", group.request_id)
                 group.error = f"The engine failed on this request ({type(err).__name__})."
                 self._finish_group(group, "error")
+        if self.offload is not None:  # after verification's rollbacks registered what they kept
+            self.offload.after_step(plan, forward_seconds)
         self._propose(to_draft)
         if self.spec_gate is not None and _decode_only(plan):
             self.spec_gate.observe_step(plan.num_tokens, time.perf_counter() - started)
@@ -578,8 +612,10 @@ class LLMEngine:
                 if owners[block_id] < 0:
                     owners[block_id] = index
         shared = [b.block_id for b in self.pool.blocks if b.ref_count > 1]
+        origins = self.offload.block_origins() if self.offload is not None else {}
         return {"num_blocks": self.pool.num_blocks, "block_size": self.cache_config.block_size,
-                "owners": owners, "shared": shared, "requests": requests, "stats": self.stats()}
+                "owners": owners, "shared": shared, "requests": requests, "stats": self.stats(),
+                "tier_blocks": {str(b): tier for b, tier in sorted(origins.items())}}
 
     def stats(self) -> dict[str, Any]:
         pool = self.pool
@@ -604,7 +640,8 @@ class LLMEngine:
             "num_requests_waiting": len(self.scheduler.waiting),
             "num_requests_kept": len(self._kept),
             "prefix_cache_queries": self.kv.prefix_cache_queries,
-            "prefix_cache_hits": self.kv.prefix_cache_hits,
+            "prefix_cache_hits": self.kv.prefix_cache_hits,  # tokens, tier hits included
+            "kv_offload": self.offload.stats() if self.offload is not None else {},
             "num_preemptions": self.scheduler.num_preemptions,
             "kv_policy": self.kv_policy.name,
             "kv_budget": self.kv_policy.budget,
@@ -696,3 +733,7 @@ class LLM:
 
     def stats(self) -> dict[str, Any]:
         return self.engine.stats()
+
+    def close(self) -> None:
+        """Write the offload tiers' pending stores and release them (see :meth:`LLMEngine.close`)."""
+        self.engine.close()

@@ -128,6 +128,8 @@ class Scheduler:
             swap_out=tuple(swap_out),
             swap_in=tuple(swap_in),
             preempted=tuple(preempted),
+            evicted=tuple(self.kv.pool.take_evicted()),
+            tier_loads=tuple(self.kv.take_pending_loads()),
         )
 
     def _chunk(self, request: Request, computed: int, budget: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class SchedulerOutput:
     swap_out: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (request id, device blocks to save)
     swap_in: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (request id, device blocks to restore into)
     preempted: tuple[str, ...] = field(default=())
+    # offload tiers: cached blocks handed out again, (block, group, chain hash), whose KV is saved
+    # first; then blocks found in a tier, (fresh block, TierBlock), whose bytes are copied in
+    evicted: tuple[tuple[int, int, bytes], ...] = ()
+    tier_loads: tuple[tuple[int, Any], ...] = ()
 
     @property
     def num_tokens(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import torch
 
@@ -39,8 +40,15 @@ class ModelRunner:
         self.storage = storage
         self.device = storage.device
         self.host_blocks: dict[str, list[list[torch.Tensor]]] = {}
+        # receives ((group, chain hash), bytes) of the blocks a plan evicts, before anything overwrites them
+        self.on_evicted: Callable[[Sequence[tuple[int, bytes]], Sequence[memoryview]], None] | None = None
 
     def execute(self, plan: SchedulerOutput) -> ModelOutput:
+        # cached blocks the pool handed out again are saved before anything writes to them (a slot
+        # move's destination may be one)
+        if plan.evicted and self.on_evicted is not None:
+            self.on_evicted([(g, h) for _, g, h in plan.evicted],
+                            self.storage.export_blocks([b for b, _, _ in plan.evicted]))
         # evictions first: their destinations are blocks they held (or took) before this step's
         # preemptions freed any, and their sources may be handed to others below
         self.storage.move_slots(list(plan.slot_moves))
@@ -49,6 +57,8 @@ class ModelRunner:
         self.storage.copy_blocks(list(plan.block_copies))
         for request_id, block_ids in plan.swap_in:
             self.storage.write_blocks(list(block_ids), self.host_blocks.pop(request_id))
+        if plan.tier_loads:
+            self.storage.import_blocks([b for b, _ in plan.tier_loads], [t.body for _, t in plan.tier_loads])
         if not plan.sequences:
             return ModelOutput([], torch.empty(0, self.model.config.vocab_size), [])
         seqs = decodes_longest_first(plan.sequences)

@@ -57,6 +57,7 @@ def create_app(loop: EngineLoop, model_name: str, api_key: str | None = None, li
         loop.start()
         yield
         loop.stop()
+        engine.close()  # offload tiers: pending stores written, threads and connections released
         text_work.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="kvcache", lifespan=lifespan, docs_url=None, redoc_url=None)

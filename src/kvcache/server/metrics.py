@@ -52,8 +52,41 @@ class _EngineCollector:
         for group in stats["groups"]:
             per_group.add_metric([str(group["group"]), str(group["window"] or "full")], group["blocks_used"])
         yield per_group
+        yield from _offload_metrics(stats.get("kv_offload", {}))
         yield InfoMetricFamily("kvcache_kv_cache", "The KV cache's element format.",  # ..._info{kv_cache_dtype=}
                                value={"kv_cache_dtype": stats["kv_cache_dtype"]})
+
+
+OFFLOAD_COUNTERS = {  # per tier (label tier="host" | "disk" | "redis")
+    "hits": "Blocks found in the tier and copied back into the pool.",
+    "misses": "Blocks asked of the tier and not found.",
+    "stores": "Blocks the tier stored.",
+    "evictions": "Blocks the tier evicted past its budget (redis: the server's evicted and expired keys).",
+    "rejected": "Entries found truncated, corrupt or foreign: treated as misses and removed.",
+    "errors": "I/O errors of the tier (a failing Redis is turned off).",
+    "dropped": "Write-through stores dropped because the tier's write queue was full.",
+    "hit_bytes": "Bytes read back from the tier.",
+}
+
+
+def _offload_metrics(tiers: dict[str, dict[str, Any]]):
+    """The offload tiers' counters and byte gauge, one series per tier."""
+    if not tiers:
+        return
+    for key, doc in OFFLOAD_COUNTERS.items():
+        family = CounterMetricFamily(f"kvcache_kv_offload_{key}", doc, labels=["tier"])
+        for name, counts in tiers.items():
+            family.add_metric([name], counts[key])
+        yield family
+    held = GaugeMetricFamily("kvcache_kv_offload_bytes", "Bytes the tier holds (redis: stored by this engine).",
+                             labels=["tier"])
+    enabled = GaugeMetricFamily("kvcache_kv_offload_enabled", "1 while the tier is in use, 0 once it failed.",
+                                labels=["tier"])
+    for name, counts in tiers.items():
+        held.add_metric([name], counts["bytes"])
+        enabled.add_metric([name], int(counts["enabled"]))
+    yield held
+    yield enabled
 
 
 class Metrics:
