@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from kvcache.cli import main
-from kvcache.sizing import (KVShape, PRESETS, capacity, human_bytes, kv_bytes, num_blocks_for_budget,
+from kvcache.sizing import (KVShape, PRESETS, capacity, group_size_for, human_bytes, kv_bytes, kv_dtype, num_blocks_for_budget,
                             block_bytes, parse_bytes, preset)
 
 
@@ -42,6 +42,10 @@ def test_quantized_formats_pay_for_scales_and_packing():
         pytest.approx(0.5 + (4 / 32 + 4 / 128) / 2)
     with pytest.raises(ValueError, match="divisor"):
         kv_bytes(shape, 1000, 1, "int4", group_size=48)
+    # a head_dim the format's group does not divide takes its largest divisor below the group
+    assert [group_size_for(kv_dtype(f), 96, None) for f in ("int8", "fp8", "int4")] == [48, 48, 32]
+    assert [group_size_for(kv_dtype(f), 80, None) for f in ("int8", "fp8", "int4")] == [40, 40, 20]
+    assert kv_bytes(KVShape(2, 4, 96), 10, 1, "int8").total_bytes == 2 * 2 * 4 * 96 * 10 + 2 * 2 * 4 * 10 * 2 * 2
     with pytest.raises(ValueError, match="no scales"):
         kv_bytes(shape, 1000, 1, "fp16", group_size=32)
 
