@@ -55,8 +55,10 @@ static inline float fp8_raw(uint8_t b) {  /* s eeee mmm -> float16 s 0eeee mmm00
     return half_to_float((uint16_t)((int)(int8_t)b * 128) & 0xBFFF);
 }
 
+#define KVQ_INLINE static inline __attribute__((always_inline))
+
 /* One stored row of codes -> head_dim floats r (value = r x scale x unit (+ zero)). */
-static void widen(int fmt, const uint8_t *p, int hd, float *out) {
+KVQ_INLINE void widen(int fmt, const uint8_t *p, int hd, float *out) {
     int d = 0;
     if (fmt == KVQ_INT4) {
         int half = hd / 2;
@@ -84,8 +86,19 @@ static void widen(int fmt, const uint8_t *p, int hd, float *out) {
     for (; d < hd; d++) out[d] = fmt == KVQ_INT8 ? (float)(int8_t)p[d] : fp8_raw(p[d]);
 }
 
-static inline long slot_of(const kvq_cache *c, const int64_t *table, int kh, int t) {  /* [kv_heads, blocks * bs] */
-    return ((long)kh * c->num_blocks + table[t / c->block_size]) * c->block_size + t % c->block_size;
+/* The visible keys [lo, lo + len) of a table, block by block: block j of the table holds the
+ * tokens [from, to) of itself (offsets), which are keys index - lo of the visible run. */
+typedef struct { long block; int from, to, index; } run_t;
+
+static inline int runs_of(const int64_t *table, int bs, int lo, int len, int j, run_t *r) {
+    int first = lo / bs, last = (lo + len - 1) / bs;
+    if (first + j > last) return 0;
+    int b = first + j;
+    r->block = table[b];
+    r->from = b == first ? lo - b * bs : 0;
+    r->to = b == last ? lo + len - b * bs : bs;
+    r->index = b * bs + r->from - lo;
+    return 1;
 }
 
 /* Per channel keys of block `block`: qs[g] = q_g x (scale x unit), qz[g] = q_g . zero. */
@@ -104,26 +117,32 @@ static void fold_block(const kvq_cache *c, const float *q, int kh, long block, f
 }
 
 /* scores[g * len + t - lo] = scale * q_g . k_t for the visible keys t in [lo, lo + len). */
-static void key_scores(const kvq_cache *c, const kvq_step *s, int i, int kh, int lo, int len, float *scores,
-                       float *row, float *qs, float *qz) {
-    int hd = c->head_dim, vg = c->value_group, groups = hd / vg;
+KVQ_INLINE void key_scores(const int fmt, const kvq_cache *c, const kvq_step *s, int i, int kh, int lo, int len,
+                           float *scores, float *row, float *qs, float *qz) {
+    int hd = c->head_dim, vg = c->value_group, groups = hd / vg, bs = c->block_size, cw = code_width(c);
     const int64_t *table = s->tables + (long)i * s->width;
     const float *q = s->q + ((long)i * c->kv_heads + kh) * c->group * hd;
-    long folded = -1;  /* the block whose params qs, qz hold */
-    for (int t = lo; t < lo + len; t++) {
-        long slot = slot_of(c, table, kh, t);
-        widen(c->fmt, (const uint8_t *)c->k_codes + slot * code_width(c), hd, row);
-        if (c->fmt != KVQ_INT8) {  /* per channel per block */
-            long block = table[t / c->block_size];
-            if (block != folded) fold_block(c, q, kh, block, qs, qz), folded = block;
-            for (int g = 0; g < c->group; g++) scores[(long)g * len + t - lo] = (dot(qs + g * hd, row, hd) + qz[g]) * s->scale;
+    run_t r;
+    for (int j = 0; runs_of(table, bs, lo, len, j, &r); j++) {
+        long base = ((long)kh * c->num_blocks + r.block) * bs;  /* the block's first slot */
+        const uint8_t *codes = (const uint8_t *)c->k_codes + base * cw;
+        if (fmt != KVQ_INT8) {  /* per channel per block */
+            fold_block(c, q, kh, r.block, qs, qz);
+            for (int o = r.from, at = r.index; o < r.to; o++, at++) {
+                widen(fmt, codes + (long)o * cw, hd, row);
+                for (int g = 0; g < c->group; g++) scores[(long)g * len + at] = (dot(qs + g * hd, row, hd) + qz[g]) * s->scale;
+            }
             continue;
         }
-        const uint16_t *ks = c->k_scale + slot * groups;  /* per token, per group */
-        for (int g = 0; g < c->group; g++) {
-            float total = 0.0f;
-            for (int G = 0; G < groups; G++) total += dot(q + g * hd + G * vg, row + G * vg, vg) * (half_to_float(ks[G]) * c->unit);
-            scores[(long)g * len + t - lo] = total * s->scale;
+        for (int o = r.from, at = r.index; o < r.to; o++, at++) {  /* per token, per group */
+            const uint16_t *ks = c->k_scale + (base + o) * groups;
+            widen(fmt, codes + (long)o * cw, hd, row);
+            for (int g = 0; g < c->group; g++) {
+                float total = 0.0f;
+                for (int G = 0; G < groups; G++)
+                    total += dot(q + g * hd + G * vg, row + G * vg, vg) * (half_to_float(ks[G]) * c->unit);
+                scores[(long)g * len + at] = total * s->scale;
+            }
         }
     }
 }
@@ -136,29 +155,41 @@ static void softmax(float *p, int len) {  /* in place, float32: exp(x - max) / s
 }
 
 /* out[head kh * group + g] = sum_t weights[g * len + t - lo] v_t; zsum: group * head_dim / value_group floats. */
-static void weighted_values(const kvq_cache *c, const kvq_step *s, int i, int kh, int lo, int len,
-                            const float *weights, float *row, float *zsum) {
-    int hd = c->head_dim, vg = c->value_group, groups = hd / vg;
+KVQ_INLINE void weighted_values(const int fmt, const kvq_cache *c, const kvq_step *s, int i, int kh, int lo, int len,
+                                const float *weights, float *row, float *zsum) {
+    int hd = c->head_dim, vg = c->value_group, groups = hd / vg, bs = c->block_size, cw = code_width(c);
     const int64_t *table = s->tables + (long)i * s->width;
     float *out = s->out + ((long)i * c->kv_heads + kh) * c->group * hd;  /* [group, hd] */
     memset(out, 0, (size_t)c->group * hd * sizeof(float));
     memset(zsum, 0, (size_t)c->group * groups * sizeof(float));
-    for (int t = lo; t < lo + len; t++) {
-        long slot = slot_of(c, table, kh, t);
-        widen(c->fmt, (const uint8_t *)c->v_codes + slot * code_width(c), hd, row);
-        const uint16_t *vs = c->v_scale + slot * groups, *vz = c->v_zero ? c->v_zero + slot * groups : NULL;
-        for (int G = 0; G < groups; G++) {
-            float scale = half_to_float(vs[G]) * c->unit, zero = vz ? half_to_float(vz[G]) : 0.0f;
-            for (int g = 0; g < c->group; g++) {
-                float w = weights[(long)g * len + t - lo];
-                axpy(out + g * hd + G * vg, w * scale, row + G * vg, vg);
-                if (vz) zsum[g * groups + G] += w * zero;
+    run_t r;
+    for (int j = 0; runs_of(table, bs, lo, len, j, &r); j++) {
+        long base = ((long)kh * c->num_blocks + r.block) * bs;
+        for (int o = r.from, at = r.index; o < r.to; o++, at++) {
+            widen(fmt, (const uint8_t *)c->v_codes + (base + o) * cw, hd, row);
+            const uint16_t *vs = c->v_scale + (base + o) * groups;
+            const uint16_t *vz = fmt == KVQ_INT4 ? c->v_zero + (base + o) * groups : NULL;
+            for (int G = 0; G < groups; G++) {
+                float scale = half_to_float(vs[G]) * c->unit, zero = vz ? half_to_float(vz[G]) : 0.0f;
+                for (int g = 0; g < c->group; g++) {
+                    float w = weights[(long)g * len + at];
+                    axpy(out + g * hd + G * vg, w * scale, row + G * vg, vg);
+                    if (vz) zsum[g * groups + G] += w * zero;
+                }
             }
         }
     }
-    if (c->v_zero)
+    if (fmt == KVQ_INT4)
         for (int g = 0; g < c->group; g++)
             for (int d = 0; d < hd; d++) out[g * hd + d] += zsum[g * groups + d / vg];
+}
+
+/* One (sequence, kv head): scores, softmax, weighted values; fmt a constant, so each format gets its own loops. */
+KVQ_INLINE void attend(const int fmt, const kvq_cache *c, const kvq_step *s, int i, int kh, int lo, int len,
+                       float *scores, float *row, float *qs, float *qz, float *zsum) {
+    key_scores(fmt, c, s, i, kh, lo, len, scores, row, qs, qz);
+    for (int g = 0; g < c->group; g++) softmax(scores + (long)g * len, len);
+    weighted_values(fmt, c, s, i, kh, lo, len, scores, row, zsum);
 }
 
 static void visible(const kvq_step *s, int i, int *lo, int *len) {  /* the keys sequence i reads */
@@ -170,7 +201,7 @@ static void visible(const kvq_step *s, int i, int *lo, int *len) {  /* the keys 
 /* Fills s->out. Returns 0, -1 for an unknown format or a bad shape, -2 if out of memory. */
 int kv_quant_decode(const kvq_cache *c, const kvq_step *s, int nthreads) {
     if (c->fmt < KVQ_INT8 || c->fmt > KVQ_INT4 || c->value_group < 1 || c->head_dim % c->value_group
-        || (c->fmt == KVQ_INT4 && c->head_dim % 2) || (c->fmt != KVQ_INT8 && !c->k_zero))
+        || (c->fmt == KVQ_INT4 && c->head_dim % 2) || (c->fmt != KVQ_INT8 && !c->k_zero) || (c->fmt == KVQ_INT4 && !c->v_zero))
         return -1;
     int hd = c->head_dim, longest = 1;
     for (int i = 0; i < s->n; i++) {
@@ -195,9 +226,11 @@ int kv_quant_decode(const kvq_cache *c, const kvq_step *s, int nthreads) {
         float *qz = qs + (size_t)c->group * hd, *zsum = qz + c->group;
         int i = task / c->kv_heads, kh = task % c->kv_heads, lo, len;
         visible(s, i, &lo, &len);
-        key_scores(c, s, i, kh, lo, len, scores, row, qs, qz);
-        for (int g = 0; g < c->group; g++) softmax(scores + (long)g * len, len);
-        weighted_values(c, s, i, kh, lo, len, scores, row, zsum);
+        switch (c->fmt) {
+        case KVQ_INT8: attend(KVQ_INT8, c, s, i, kh, lo, len, scores, row, qs, qz, zsum); break;
+        case KVQ_FP8: attend(KVQ_FP8, c, s, i, kh, lo, len, scores, row, qs, qz, zsum); break;
+        default: attend(KVQ_INT4, c, s, i, kh, lo, len, scores, row, qs, qz, zsum); break;
+        }
     }
     free(work);
     return 0;
