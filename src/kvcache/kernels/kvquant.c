@@ -101,6 +101,17 @@ static inline int runs_of(const int64_t *table, int bs, int lo, int len, int j, 
     return 1;
 }
 
+/* The first slot of the table's next block after run j, or -1: its bytes are asked for while run j is
+ * read (the blocks lie anywhere, so the hardware prefetcher cannot guess them; a decode step reads
+ * each byte once, so without this every new block waits on memory). */
+static inline long next_base(const kvq_cache *c, const int64_t *table, int lo, int len, int j, int kh) {
+    run_t next;
+    return runs_of(table, c->block_size, lo, len, j + 1, &next)
+        ? ((long)kh * c->num_blocks + next.block) * c->block_size : -1;
+}
+
+static inline void prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+
 /* Per channel keys of block `block`: qs[g] = q_g x (scale x unit), qz[g] = q_g . zero. */
 static void fold_block(const kvq_cache *c, const float *q, int kh, long block, float *qs, float *qz) {
     int hd = c->head_dim;
@@ -124,11 +135,20 @@ KVQ_INLINE void key_scores(const int fmt, const kvq_cache *c, const kvq_step *s,
     const float *q = s->q + ((long)i * c->kv_heads + kh) * c->group * hd;
     run_t r;
     for (int j = 0; runs_of(table, bs, lo, len, j, &r); j++) {
-        long base = ((long)kh * c->num_blocks + r.block) * bs;  /* the block's first slot */
+        long base = ((long)kh * c->num_blocks + r.block) * bs, next = next_base(c, table, lo, len, j, kh);
         const uint8_t *codes = (const uint8_t *)c->k_codes + base * cw;
+        const uint8_t *ahead = next < 0 ? NULL : (const uint8_t *)c->k_codes + next * cw;  /* [bs, cw] */
+        if (ahead) {  /* the next block's key params: per channel [hd], or per token [bs, groups] */
+            long at = fmt != KVQ_INT8 ? next / bs * hd : next * groups, bytes = 2L * (fmt != KVQ_INT8 ? hd : bs * groups);
+            for (long k = 0; k < bytes; k += 64) {
+                prefetch((const char *)(c->k_scale + at) + k);
+                if (fmt != KVQ_INT8) prefetch((const char *)(c->k_zero + at) + k);
+            }
+        }
         if (fmt != KVQ_INT8) {  /* per channel per block */
             fold_block(c, q, kh, r.block, qs, qz);
             for (int o = r.from, at = r.index; o < r.to; o++, at++) {
+                if (ahead) prefetch(ahead + (long)o * cw), prefetch(ahead + (long)o * cw + cw - 1);
                 widen(fmt, codes + (long)o * cw, hd, row);
                 for (int g = 0; g < c->group; g++) scores[(long)g * len + at] = (dot(qs + g * hd, row, hd) + qz[g]) * s->scale;
             }
@@ -136,6 +156,7 @@ KVQ_INLINE void key_scores(const int fmt, const kvq_cache *c, const kvq_step *s,
         }
         for (int o = r.from, at = r.index; o < r.to; o++, at++) {  /* per token, per group */
             const uint16_t *ks = c->k_scale + (base + o) * groups;
+            if (ahead) prefetch(ahead + (long)o * cw), prefetch(ahead + (long)o * cw + cw - 1);
             widen(fmt, codes + (long)o * cw, hd, row);
             for (int g = 0; g < c->group; g++) {
                 float total = 0.0f;
@@ -164,8 +185,17 @@ KVQ_INLINE void weighted_values(const int fmt, const kvq_cache *c, const kvq_ste
     memset(zsum, 0, (size_t)c->group * groups * sizeof(float));
     run_t r;
     for (int j = 0; runs_of(table, bs, lo, len, j, &r); j++) {
-        long base = ((long)kh * c->num_blocks + r.block) * bs;
+        long base = ((long)kh * c->num_blocks + r.block) * bs, next = next_base(c, table, lo, len, j, kh);
+        if (next >= 0)  /* the next block's value params, [bs, groups] each */
+            for (long k = 0; k < 2L * bs * groups; k += 64) {
+                prefetch((const char *)(c->v_scale + next * groups) + k);
+                if (fmt == KVQ_INT4) prefetch((const char *)(c->v_zero + next * groups) + k);
+            }
         for (int o = r.from, at = r.index; o < r.to; o++, at++) {
+            if (next >= 0) {
+                const uint8_t *ahead = (const uint8_t *)c->v_codes + (next + o) * cw;
+                prefetch(ahead), prefetch(ahead + cw - 1);
+            }
             widen(fmt, (const uint8_t *)c->v_codes + (base + o) * cw, hd, row);
             const uint16_t *vs = c->v_scale + (base + o) * groups;
             const uint16_t *vz = fmt == KVQ_INT4 ? c->v_zero + (base + o) * groups : NULL;
