@@ -16,7 +16,8 @@
   answer, the engine's pool (blocks // blocks per sequence) and, unless --no-serve, the peak of
   running requests while the engine serves more than fit.
 * throughput: --seqs sequences decoding at --context tokens of context, tokens/s per format
-  (median of --repeats runs of --steps steps); runs of the formats alternate.
+  (median of --repeats runs of --steps steps); runs of the formats alternate. A format written
+  ``int8:pytorch`` runs its decode reads through the PyTorch path instead of the C kernel.
 * reads: where a decode step's attention time goes, one layer of SmolLM2's shape (3 kv heads of 64,
   3 queries each) at --seqs x --context tokens: the cache's key_scores (gather, decode, q.k),
   the softmax and weighted_values, per format (median of --repeats; formats alternate); and, for
@@ -28,6 +29,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -171,6 +173,20 @@ def capacity(args: argparse.Namespace) -> None:
                           "preemptions": engine.stats()["num_preemptions"]}))
 
 
+@contextlib.contextmanager
+def pytorch_reads(active: bool):
+    """While active, quantized decode reads take the PyTorch path (the kernel's ``applies`` says no)."""
+    from kvcache.models import quant_decode
+
+    applies = quant_decode.applies
+    if active:
+        quant_decode.applies = lambda *args: False
+    try:
+        yield
+    finally:
+        quant_decode.applies = applies
+
+
 def throughput(args: argparse.Namespace) -> None:
     from kvcache.config import SchedulerConfig
     from kvcache.models.loader import load_model
@@ -179,29 +195,31 @@ def throughput(args: argparse.Namespace) -> None:
     prefix = list(range(2000, 2000 + args.context - 16))  # shared by prefix caching: one prefill
     runs: dict[str, list[float]] = {f: [] for f in args.formats.split(",")}
     engines = {}
-    for name in runs:
+    for label in runs:
+        name = label.split(":")[0]  # "int8:pytorch": the int8 cache, read without the kernel
         kwargs = {} if name == "auto" else {"kv_cache_dtype": name}
         llm = LLM(loaded=loaded, dtype=args.dtype, kv_cache_memory=f"{args.kv_gib}GiB",
                   scheduler_config=SchedulerConfig(max_num_seqs=args.seqs, max_num_batched_tokens=4096), **kwargs)
-        engines[name] = llm.engine
+        engines[label] = llm.engine
     for _ in range(args.repeats):
         for name, engine in engines.items():
-            params = SamplingParams(max_tokens=args.steps + 1, temperature=0.0, ignore_eos=True)
-            llm_warm = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-            engine.add_request(None, prefix + [99] * 16, llm_warm)  # computes the shared prefix once
-            while engine.has_unfinished_requests():
-                engine.step()
-            for i in range(args.seqs):
-                engine.add_request(None, prefix + [100 + i] * 16, params)
-            while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or \
-                    engine.scheduler.waiting:
-                engine.step()  # prefills (and the first sampled token)
-            start, steps = time.perf_counter(), 0
-            while engine.has_unfinished_requests():
-                engine.step()
-                steps += 1
-            elapsed = time.perf_counter() - start
-            runs[name].append(args.seqs * steps / elapsed)
+            with pytorch_reads(name.endswith(":pytorch")):
+                params = SamplingParams(max_tokens=args.steps + 1, temperature=0.0, ignore_eos=True)
+                llm_warm = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+                engine.add_request(None, prefix + [99] * 16, llm_warm)  # computes the shared prefix once
+                while engine.has_unfinished_requests():
+                    engine.step()
+                for i in range(args.seqs):
+                    engine.add_request(None, prefix + [100 + i] * 16, params)
+                while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or \
+                        engine.scheduler.waiting:
+                    engine.step()  # prefills (and the first sampled token)
+                start, steps = time.perf_counter(), 0
+                while engine.has_unfinished_requests():
+                    engine.step()
+                    steps += 1
+                elapsed = time.perf_counter() - start
+                runs[name].append(args.seqs * steps / elapsed)
     base = median(runs[next(iter(runs))])
     for name, values in runs.items():
         print(json.dumps({"bench": "throughput", "kv_cache_dtype": name, "dtype": args.dtype, "seqs": args.seqs,

@@ -149,7 +149,7 @@ def library() -> ctypes.CDLL | None:
         import torch  # noqa: F401  (see the docstring)
 
         if os.environ.get("KVCACHE_KERNELS", "1") == "0":
-            log.info("KVCACHE_KERNELS=0: using PyTorch for weight matmuls")
+            log.info("KVCACHE_KERNELS=0: using PyTorch for weight matmuls and quantized KV reads")
         else:
             compiler = _compiler()
             try:
@@ -158,8 +158,8 @@ def library() -> ctypes.CDLL | None:
                 _library = _bind(ctypes.CDLL(str(_build(compiler))))
             except (OSError, subprocess.SubprocessError) as err:
                 detail = getattr(err, "stderr", b"") or b""
-                log.warning("kvcache's C kernels are unavailable (%s%s); weight matmuls use PyTorch, "
-                            "which is slower for decode", err, (": " + detail.decode(errors="replace")[-400:])
+                log.warning("kvcache's C kernels are unavailable (%s%s); weight matmuls and quantized KV reads use "
+                            "PyTorch, which is slower for decode", err, (": " + detail.decode(errors="replace")[-400:])
                             if detail else "")
         _tried = True
         return _library
