@@ -16,15 +16,20 @@
   answer, the engine's pool (blocks // blocks per sequence) and, unless --no-serve, the peak of
   running requests while the engine serves more than fit.
 * throughput: --seqs sequences decoding at --context tokens of context, tokens/s per format
-  (median of --repeats runs of --steps steps); runs of the formats alternate.
+  (median of --repeats runs of --steps steps); runs of the formats alternate. A format written
+  ``int8:pytorch`` runs its decode reads through the PyTorch path instead of the C kernel.
 * reads: where a decode step's attention time goes, one layer of SmolLM2's shape (3 kv heads of 64,
   3 queries each) at --seqs x --context tokens: the cache's key_scores (gather, decode, q.k),
-  the softmax and weighted_values, per format (median of --repeats; formats alternate).
+  the softmax and weighted_values, per format (median of --repeats; formats alternate); and, for
+  the quantized formats when the C kernels are built, the same read through the kernel that
+  dequantizes inside its dot products (kvcache.models.quant_decode), in the same runs, with its
+  largest difference from the PyTorch path's output. --paths picks pytorch, kernel or both.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -168,6 +173,20 @@ def capacity(args: argparse.Namespace) -> None:
                           "preemptions": engine.stats()["num_preemptions"]}))
 
 
+@contextlib.contextmanager
+def pytorch_reads(active: bool):
+    """While active, quantized decode reads take the PyTorch path (the kernel's ``applies`` says no)."""
+    from kvcache.models import quant_decode
+
+    applies = quant_decode.applies
+    if active:
+        quant_decode.applies = lambda *args: False
+    try:
+        yield
+    finally:
+        quant_decode.applies = applies
+
+
 def throughput(args: argparse.Namespace) -> None:
     from kvcache.config import SchedulerConfig
     from kvcache.models.loader import load_model
@@ -176,29 +195,31 @@ def throughput(args: argparse.Namespace) -> None:
     prefix = list(range(2000, 2000 + args.context - 16))  # shared by prefix caching: one prefill
     runs: dict[str, list[float]] = {f: [] for f in args.formats.split(",")}
     engines = {}
-    for name in runs:
+    for label in runs:
+        name = label.split(":")[0]  # "int8:pytorch": the int8 cache, read without the kernel
         kwargs = {} if name == "auto" else {"kv_cache_dtype": name}
         llm = LLM(loaded=loaded, dtype=args.dtype, kv_cache_memory=f"{args.kv_gib}GiB",
                   scheduler_config=SchedulerConfig(max_num_seqs=args.seqs, max_num_batched_tokens=4096), **kwargs)
-        engines[name] = llm.engine
+        engines[label] = llm.engine
     for _ in range(args.repeats):
         for name, engine in engines.items():
-            params = SamplingParams(max_tokens=args.steps + 1, temperature=0.0, ignore_eos=True)
-            llm_warm = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
-            engine.add_request(None, prefix + [99] * 16, llm_warm)  # computes the shared prefix once
-            while engine.has_unfinished_requests():
-                engine.step()
-            for i in range(args.seqs):
-                engine.add_request(None, prefix + [100 + i] * 16, params)
-            while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or \
-                    engine.scheduler.waiting:
-                engine.step()  # prefills (and the first sampled token)
-            start, steps = time.perf_counter(), 0
-            while engine.has_unfinished_requests():
-                engine.step()
-                steps += 1
-            elapsed = time.perf_counter() - start
-            runs[name].append(args.seqs * steps / elapsed)
+            with pytorch_reads(name.endswith(":pytorch")):
+                params = SamplingParams(max_tokens=args.steps + 1, temperature=0.0, ignore_eos=True)
+                llm_warm = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+                engine.add_request(None, prefix + [99] * 16, llm_warm)  # computes the shared prefix once
+                while engine.has_unfinished_requests():
+                    engine.step()
+                for i in range(args.seqs):
+                    engine.add_request(None, prefix + [100 + i] * 16, params)
+                while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or \
+                        engine.scheduler.waiting:
+                    engine.step()  # prefills (and the first sampled token)
+                start, steps = time.perf_counter(), 0
+                while engine.has_unfinished_requests():
+                    engine.step()
+                    steps += 1
+                elapsed = time.perf_counter() - start
+                runs[name].append(args.seqs * steps / elapsed)
     base = median(runs[next(iter(runs))])
     for name, values in runs.items():
         print(json.dumps({"bench": "throughput", "kv_cache_dtype": name, "dtype": args.dtype, "seqs": args.seqs,
@@ -207,8 +228,10 @@ def throughput(args: argparse.Namespace) -> None:
 
 
 def reads(args: argparse.Namespace) -> None:
+    from kvcache import kernels
     from kvcache.cache.spec import KVCacheGroup, KVSpec, resolve_kv_cache_dtype
     from kvcache.cache.storage import KVCache
+    from kvcache.models import quant_decode
     from kvcache.sizing import kv_dtype
 
     gen = torch.Generator().manual_seed(0)
@@ -222,25 +245,44 @@ def reads(args: argparse.Namespace) -> None:
         cache.layers[0].write(x, x, torch.arange(blocks * bs))
         layers[name] = (cache.layers[0], torch.randperm(blocks, generator=gen))  # scattered blocks
     q = torch.randn(3, args.seqs, 3, 64, generator=gen)  # [kv_heads, seqs, group, head_dim]
-    times: dict[str, dict[str, list[float]]] = {n: {"key_scores": [], "softmax": [], "weighted_values": []}
-                                                for n in layers}
+    rows = q.transpose(0, 1).reshape(args.seqs, 9, 64)  # the same queries as decode rows [seqs, heads, hd]
+    paths = args.paths.split(",")
+    kernel = "kernel" in paths and kernels.library() is not None
+    times: dict[tuple[str, str], dict[str, list[float]]] = {}
+    for name in layers:
+        if "pytorch" in paths:
+            times[name, "pytorch"] = {"key_scores": [], "softmax": [], "weighted_values": []}
+        if kernel and quant_decode.applies(rows, layers[name][0], False):
+            times[name, "kernel"] = {"attention": []}
+    differences: dict[str, float] = {}
     for _ in range(args.repeats):
         for name, (layer, table) in layers.items():
-            t0 = time.perf_counter()
-            scores = layer.key_scores(q, table)[..., :args.context]
-            t1 = time.perf_counter()
-            weights = torch.softmax(scores.float() * 0.125, dim=-1)
-            t2 = time.perf_counter()
-            layer.weighted_values(weights, table)
-            t3 = time.perf_counter()
-            for part, dt in zip(times[name], (t1 - t0, t2 - t1, t3 - t2)):
-                times[name][part].append(dt)
+            if (name, "pytorch") in times:
+                t0 = time.perf_counter()
+                scores = layer.key_scores(q, table)[..., :args.context]
+                t1 = time.perf_counter()
+                weights = torch.softmax(scores.float() * 0.125, dim=-1)
+                t2 = time.perf_counter()
+                expected = layer.weighted_values(weights, table)  # [kv_heads, seqs, group, hd]
+                t3 = time.perf_counter()
+                for part, dt in zip(times[name, "pytorch"].values(), (t1 - t0, t2 - t1, t3 - t2)):
+                    part.append(dt)
+            if (name, "kernel") in times:
+                t0 = time.perf_counter()
+                out = quant_decode.decode(rows, layer, table.view(args.seqs, -1), [args.context] * args.seqs,
+                                          None, 0.125)  # [seqs, heads, hd]
+                times[name, "kernel"]["attention"].append(time.perf_counter() - t0)
+                if (name, "pytorch") in times:
+                    ours = out.view(args.seqs, 3, 3, 64).transpose(0, 1)  # [kv_heads, seqs, group, hd]
+                    differences[name] = float((ours - expected).abs().max() / expected.abs().max())
     base = sum(median(v) for v in next(iter(times.values())).values())
-    for name, parts in times.items():
+    for (name, path), parts in times.items():
         total = sum(median(v) for v in parts.values())
-        print(json.dumps({"bench": "reads", "kv_cache_dtype": name, "seqs": args.seqs, "context": args.context,
-                          **{f"{part}_ms": 1000 * median(v) for part, v in parts.items()},
-                          "total_ms": 1000 * total, "ratio_vs_first": total / base}))
+        print(json.dumps({"bench": "reads", "kv_cache_dtype": name, "path": path, "seqs": args.seqs,
+                          "context": args.context, **{f"{part}_ms": 1000 * median(v) for part, v in parts.items()},
+                          "total_ms": 1000 * total, "ratio_vs_first": total / base,
+                          **({"max_rel_difference_vs_pytorch": differences[name]}
+                             if path == "kernel" and name in differences else {})}))
 
 
 def main() -> None:
@@ -258,7 +300,11 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="the model's dtype (throughput)")
     parser.add_argument("--no-serve", action="store_true", help="capacity: size the pools, serve nothing")
     parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--paths", default="pytorch,kernel", help="reads: pytorch, kernel or both (comma-separated)")
+    parser.add_argument("--threads", type=int, default=None, help="torch's threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"# {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     {"accuracy": accuracy, "llamacpp": llamacpp, "capacity": capacity, "throughput": throughput, "reads": reads}[args.what](args)
 

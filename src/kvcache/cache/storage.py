@@ -22,6 +22,7 @@ read goes through the group's format, so a quantized cache's error shows in pref
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,6 +32,28 @@ from kvcache.cache.spec import KVCacheGroup, page_group, pool_block_bytes
 from kvcache.sizing import group_size_for, kv_dtype
 
 PLAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class QuantizedTensors:
+    """One layer of a quantized group as stored, for a kernel that decodes it in place (read only).
+
+    codes: [kv_heads, num_blocks, block_size, code_width] (int8 codes; fp8 bytes; int4 two a byte,
+    value j low nibble, j + head_dim / 2 high). Params are float16 (scale, then zero if the codec has one):
+    values per token, [kv_heads, num_blocks, block_size, head_dim / value_group]; keys the same when
+    ``rotation`` is set (int8: keys stored as k @ rotation), else per channel per block,
+    [kv_heads, num_blocks, head_dim]. A value is code x scale x ``unit`` (+ zero); fp8's code is its
+    byte widened as :meth:`~kvcache.cache.quant.Fp8Codec.planes` does (the e4m3 value x 2^-8).
+    """
+
+    kv_format: str  # fp8, int8, int4
+    value_group: int
+    unit: float
+    k_codes: torch.Tensor
+    k_params: tuple[torch.Tensor, ...]
+    v_codes: torch.Tensor
+    v_params: tuple[torch.Tensor, ...]
+    rotation: torch.Tensor | None  # [head_dim, head_dim] float32, or None: keys per channel
 
 
 class LayerCache:
@@ -80,6 +103,17 @@ class LayerCache:
         if type(self.group) is not PlainGroup or self.group.group.spec.kv_format not in ("fp32", "bf16"):
             return None
         return self.group.regions["k"][self.local_index], self.group.regions["v"][self.local_index]
+
+    def quantized_tensors(self) -> QuantizedTensors | None:
+        """This layer's codes and params as stored, for a kernel that reads them in place; None unless
+        the group keeps quantized keys and values (plain and MLA latent groups have other layouts)."""
+        group = self.group
+        if type(group) is not QuantizedGroup:
+            return None
+        return QuantizedTensors(group.group.spec.kv_format, group.value_group, group.codecs["v"].unit,
+                                group.regions["k_codes"][self.local_index], tuple(group._params("k", self.local_index)),
+                                group.regions["v_codes"][self.local_index], tuple(group._params("v", self.local_index)),
+                                group.rotation)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole layer decoded to float32, [kv_heads, num_blocks, block_size, hd] each (for the reference)."""

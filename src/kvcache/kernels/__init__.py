@@ -4,6 +4,8 @@
 Q8_0, Q4_1) for the few rows a decode step has, at the memory bandwidth (PyTorch's single-row
 float32 GEMV reaches about half of it on AVX2 CPUs, and it has no int8/int4 matmul at all).
 ``decode.c`` runs a whole llama-family decode step in one call (see kvcache.models.fused_decode).
+``kvquant.c`` is the decode attention over an fp8 / int8 / int4 KV cache, dequantizing inside its dot
+products (see kvcache.models.quant_decode).
 
 The library is built with the machine's C compiler (``$CC``, else ``cc``/``gcc``) and
 ``-march=native`` into the cache directory (``$KVCACHE_CACHE_DIR/kernels``, keyed by the source,
@@ -29,7 +31,7 @@ from pathlib import Path
 log = logging.getLogger("kvcache.kernels")
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "matmul.c", HERE / "decode.c")  # and kernels.h, which both include
+SOURCES = (HERE / "matmul.c", HERE / "decode.c", HERE / "kvquant.c")  # and kernels.h, which all include
 FORMAT_CODES = {"float32": 0, "bfloat16": 1, "q8_0": 2, "q4_1": 3}
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -91,6 +93,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kv_widen.restype = i
     lib.kv_llama_decode.argtypes = [ctypes.POINTER(Model), i, _P, _P, _P, ctypes.POINTER(GroupPlan), i]
     lib.kv_llama_decode.restype = i
+    lib.kv_quant_decode.argtypes = [ctypes.POINTER(QuantCache), ctypes.POINTER(QuantStep), i]
+    lib.kv_quant_decode.restype = i
     return lib
 
 
@@ -115,6 +119,21 @@ class GroupPlan(ctypes.Structure):
     _fields_ = [("slots", _P), ("tables", _P), ("token_seq", _P), ("token_keys", _P), ("width", ctypes.c_int)]
 
 
+# The structures kvquant.c takes (kvq_cache, kvq_step), field for field.
+QUANT_FORMAT_CODES = {"int8": 0, "fp8": 1, "int4": 2}
+
+
+class QuantCache(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int) for name in ("fmt", "kv_heads", "group", "head_dim", "num_blocks",
+                                                  "block_size", "value_group")] + [("unit", ctypes.c_float)] + [
+        (name, _P) for name in ("k_codes", "v_codes", "k_scale", "k_zero", "v_scale", "v_zero")]
+
+
+class QuantStep(ctypes.Structure):
+    _fields_ = [("n", ctypes.c_int), ("width", ctypes.c_int), ("window", ctypes.c_int), ("scale", ctypes.c_float),
+                ("q", _P), ("tables", _P), ("seq_lens", _P), ("out", _P)]
+
+
 def library() -> ctypes.CDLL | None:
     """The compiled kernels, building them on first use; None where they cannot be had (then the
     reason is logged once and callers use PyTorch).
@@ -130,7 +149,7 @@ def library() -> ctypes.CDLL | None:
         import torch  # noqa: F401  (see the docstring)
 
         if os.environ.get("KVCACHE_KERNELS", "1") == "0":
-            log.info("KVCACHE_KERNELS=0: using PyTorch for weight matmuls")
+            log.info("KVCACHE_KERNELS=0: using PyTorch for weight matmuls and quantized KV reads")
         else:
             compiler = _compiler()
             try:
@@ -139,8 +158,8 @@ def library() -> ctypes.CDLL | None:
                 _library = _bind(ctypes.CDLL(str(_build(compiler))))
             except (OSError, subprocess.SubprocessError) as err:
                 detail = getattr(err, "stderr", b"") or b""
-                log.warning("kvcache's C kernels are unavailable (%s%s); weight matmuls use PyTorch, "
-                            "which is slower for decode", err, (": " + detail.decode(errors="replace")[-400:])
+                log.warning("kvcache's C kernels are unavailable (%s%s); weight matmuls and quantized KV reads use "
+                            "PyTorch, which is slower for decode", err, (": " + detail.decode(errors="replace")[-400:])
                             if detail else "")
         _tried = True
         return _library

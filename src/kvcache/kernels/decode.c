@@ -155,28 +155,6 @@ static inline void load_row(const kv_model *m, const void *cache, long index, fl
     }
 }
 
-static inline float dot(const float *a, const float *b, int size) {
-    float sum = 0.0f;
-    int k = 0;
-#ifdef KV_AVX2
-    __m256 acc = _mm256_setzero_ps();
-    for (; k + 8 <= size; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
-    sum = kv_hsum(acc);
-#endif
-    for (; k < size; k++) sum += a[k] * b[k];
-    return sum;
-}
-
-static inline void axpy(float *y, float a, const float *x, int size) {  /* y += a * x */
-    int k = 0;
-#ifdef KV_AVX2
-    __m256 va = _mm256_set1_ps(a);
-    for (; k + 8 <= size; k += 8)
-        _mm256_storeu_ps(y + k, _mm256_add_ps(_mm256_loadu_ps(y + k), _mm256_mul_ps(va, _mm256_loadu_ps(x + k))));
-#endif
-    for (; k < size; k++) y[k] += a * x[k];
-}
-
 /* Attention is split into parts: (query token, kv head, a run of its keys). A part leaves, per query
  * head of the kv head's group, its largest score, the sum of exp(score - largest) and the values
  * weighted by those exponentials; `merge` combines a (token, kv head)'s parts. Long contexts

@@ -1,4 +1,4 @@
-/* What matmul.c and decode.c share. */
+/* What the kernels (matmul.c, decode.c, kvquant.c) share. */
 #ifndef KVCACHE_KERNELS_H
 #define KVCACHE_KERNELS_H
 
@@ -52,6 +52,47 @@ static inline __m256 kv_load_bf16(const uint16_t *p) {  /* 8 bfloat16 values wid
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 #endif
+
+/* fp16 -> float32, as torch's .float() */
+static inline float half_to_float(uint16_t h) {
+#ifdef KV_AVX2
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) { bits = sign; }
+        else {  /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) { bits = sign | 0x7f800000 | (man << 13); }
+    else { bits = sign | ((exp + 127 - 15) << 23) | (man << 13); }
+    float f; memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+static inline float dot(const float *a, const float *b, int size) {  /* a . b */
+    float sum = 0.0f;
+    int k = 0;
+#ifdef KV_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; k + 8 <= size; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
+    sum = kv_hsum(acc);
+#endif
+    for (; k < size; k++) sum += a[k] * b[k];
+    return sum;
+}
+
+static inline void axpy(float *y, float a, const float *x, int size) {  /* y += a * x */
+    int k = 0;
+#ifdef KV_AVX2
+    __m256 va = _mm256_set1_ps(a);
+    for (; k + 8 <= size; k += 8)
+        _mm256_storeu_ps(y + k, _mm256_add_ps(_mm256_loadu_ps(y + k), _mm256_mul_ps(va, _mm256_loadu_ps(x + k))));
+#endif
+    for (; k < size; k++) y[k] += a * x[k];
+}
 
 KV_HIDDEN range_fn kv_range_fn(int fmt);                               /* NULL for an unknown format */
 KV_HIDDEN void kv_block_sums(const float *x, int M, int K, float *out); /* [M, K/32] */

@@ -21,27 +21,6 @@
 
 #define ROWS 4  /* output rows per register block */
 
-/* ---------------------------------------------------------------------------------------------
- * fp16 <-> float
- */
-static inline float half_to_float(uint16_t h) {
-#ifdef KV_AVX2
-    return _cvtsh_ss(h);
-#else
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) { bits = sign; }
-        else {  /* subnormal: normalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) { man <<= 1; exp--; }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) { bits = sign | 0x7f800000 | (man << 13); }
-    else { bits = sign | ((exp + 127 - 15) << 23) | (man << 13); }
-    float f; memcpy(&f, &bits, 4); return f;
-#endif
-}
-
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16; float f; memcpy(&f, &bits, 4); return f;
 }

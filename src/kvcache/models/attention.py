@@ -8,8 +8,9 @@ Two implementations with one contract:
 
 * :func:`reference_attention` - loops over sequences and tokens, plain float32 softmax. Obviously
   right, slow; the fast path is tested against it.
-* :func:`paged_attention` - decodes batched into one SDPA call over gathered blocks, prefills one
-  SDPA call per sequence.
+* :func:`paged_attention` - decodes batched into grouped matmuls over gathered blocks (over a
+  quantized cache, one C kernel that decodes the codes inside its dot products when the kernels are
+  built: :mod:`kvcache.models.quant_decode`), prefills one SDPA call per sequence.
 
 Tokens of a step are laid out decodes first, then prefill chunks:
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from kvcache.cache.storage import LayerCache
+from kvcache.models import quant_decode
 
 
 @dataclass
@@ -151,6 +153,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
     groups = meta.decode_groups or ([(0, nd)] if nd else [])
     masks = meta.decode_masks or [None] * len(groups)
     scores = meta.scores
+    if nd and quant_decode.applies(q, cache, scores is not None):
+        out[:nd] = quant_decode.decode(q[:nd], cache, meta.block_tables[:nd], meta.seq_lens[:nd],
+                                       meta.sliding_window, scale)
+        groups = []
     for (start, end), mask in zip(groups, masks):
         out[start:end] = _batched_decode(q[start:end], cache, meta.block_tables[start:end],
                                          meta.seq_lens[start:end], meta.block_size, mask, scale,
