@@ -263,29 +263,14 @@ def test_a_head_dim_of_96_runs_in_every_format_with_planned_bytes_and_logits_of_
     """head_dim 96 (Phi-3's) is not a multiple of int8's and fp8's group of 64: it takes groups of 48.
     The pool is what the planner says, and the engine's greedy tokens are the argmax of a one-pass
     computation that reads every key and value back through the same format."""
-    from tiny_models import byte_tokenizer
+    from tiny_models import tiny_llama
     from kvcache.cache.spec import pool_block_bytes
-    from kvcache.config import ModelConfig
     from kvcache.engine.engine import LLMEngine
-    from kvcache.models.loader import LoadedModel
     from kvcache.runtime.reference import logits_without_cache
-    hidden, heads, kv_heads, hd, layers = 192, 4, 2, 96, 2
-    config = ModelConfig.from_hf_config(dict(
-        model_type="llama", vocab_size=256, hidden_size=hidden, intermediate_size=256, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hd, max_position_embeddings=256,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True))
-    gen = torch.Generator().manual_seed(11)
-    shapes = {"model.embed_tokens.weight": (256, hidden), "model.norm.weight": (hidden,)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (heads * hd, hidden), p + "self_attn.k_proj.weight": (kv_heads * hd, hidden),
-                   p + "self_attn.v_proj.weight": (kv_heads * hd, hidden), p + "self_attn.o_proj.weight": (hidden, heads * hd),
-                   p + "mlp.gate_proj.weight": (256, hidden), p + "mlp.up_proj.weight": (256, hidden),
-                   p + "mlp.down_proj.weight": (hidden, 256), p + "input_layernorm.weight": (hidden,),
-                   p + "post_attention_layernorm.weight": (hidden,)}
-    weights = {n: (1 + 0.1 * torch.randn(s, generator=gen)) if len(s) == 1 else 0.1 * torch.randn(s, generator=gen)
-               for n, s in shapes.items()}
-    engine = LLMEngine(loaded=LoadedModel(config, weights, byte_tokenizer(), "tiny-hd96"), num_blocks=16,
+    kv_heads, hd, layers = 2, 96, 2
+    loaded = tiny_llama(hidden=192, heads=4, kv_heads=kv_heads, head_dim=hd, layers=layers, intermediate=256,
+                        seed=11, std=0.1)
+    engine = LLMEngine(loaded=loaded, num_blocks=16,
                        kv_cache_dtype=kv_format, dtype="float32", enable_prefix_caching=False)
     bs = engine.cache_config.block_size
     assert engine.stats()["kv_cache_bytes"] == 16 * pool_block_bytes(engine.kv_groups, bs) == \

@@ -12,13 +12,12 @@ import torch
 from kvcache import SamplingParams, kernels
 from kvcache.cache.spec import KVCacheGroup, KVSpec
 from kvcache.cache.storage import KVCache
-from kvcache.config import ModelConfig
 from kvcache.engine.engine import LLMEngine
 from kvcache.models import quant_decode
 from kvcache.models.attention import AttentionMetadata, build_masks, paged_attention
 from kvcache.models.loader import LoadedModel
 from kvcache.sizing import kv_dtype
-from tiny_models import byte_tokenizer
+from tiny_models import tiny_llama
 
 QUANTIZED = ["fp8", "int8", "int4"]
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler here: the PyTorch path only")
@@ -144,22 +143,7 @@ def test_plain_caches_and_collected_weights_take_the_pytorch_path():
 # --- through the engine ----------------------------------------------------------------------------
 
 def _tiny(window: int | None) -> LoadedModel:
-    config = ModelConfig.from_hf_config(dict(
-        model_type="mistral" if window else "llama", vocab_size=256, hidden_size=96, intermediate_size=160,
-        num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, sliding_window=window))
-    gen = torch.Generator().manual_seed(11)
-    shapes = {"model.embed_tokens.weight": (256, 96), "model.norm.weight": (96,)}
-    for i in range(3):
-        p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (192, 96), p + "self_attn.k_proj.weight": (64, 96),
-                   p + "self_attn.v_proj.weight": (64, 96), p + "self_attn.o_proj.weight": (96, 192),
-                   p + "mlp.gate_proj.weight": (160, 96), p + "mlp.up_proj.weight": (160, 96),
-                   p + "mlp.down_proj.weight": (96, 160), p + "input_layernorm.weight": (96,),
-                   p + "post_attention_layernorm.weight": (96,)}
-    weights = {n: (1 + 0.1 * torch.randn(s, generator=gen)) if len(s) == 1 else 0.15 * torch.randn(s, generator=gen)
-               for n, s in shapes.items()}
-    return LoadedModel(config, weights, byte_tokenizer(), "tiny")
+    return tiny_llama(head_dim=32, window=window, seed=11)
 
 
 def _generate(loaded: LoadedModel, kv_format: str) -> list[tuple[list[int], torch.Tensor]]:

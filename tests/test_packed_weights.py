@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from kvcache import kernels
-from kvcache.config import ModelConfig, SamplingParams, parse_weights_dtype
+from kvcache.config import SamplingParams, parse_weights_dtype
 from kvcache.engine.engine import LLMEngine, build_model, resolve_dtype
 from kvcache.models import fused_decode
 from kvcache.models.loader import LoadedModel, native_blocks
 from kvcache.models.packed import (WEIGHT_FORMATS, PackedWeight, dequantize, matmul, prepare_weights, quantize,
                                    weight_format)
-from tiny_models import byte_tokenizer
+from tiny_models import tiny_llama
 
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler here: the PyTorch path only")
 
@@ -107,22 +107,7 @@ def test_auto_dtype_is_float32_where_the_fused_decode_runs():
 # --- whole models -----------------------------------------------------------------------------
 
 def _tiny(window=None, **extra) -> LoadedModel:
-    config = ModelConfig.from_hf_config(dict(
-        model_type="mistral" if window else "llama", vocab_size=256, hidden_size=96, intermediate_size=160,
-        num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True, sliding_window=window, **extra))
-    gen = torch.Generator().manual_seed(7)
-    shapes = {"model.embed_tokens.weight": (256, 96), "model.norm.weight": (96,)}
-    for i in range(3):
-        p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (96, 96), p + "self_attn.k_proj.weight": (32, 96),
-                   p + "self_attn.v_proj.weight": (32, 96), p + "self_attn.o_proj.weight": (96, 96),
-                   p + "mlp.gate_proj.weight": (160, 96), p + "mlp.up_proj.weight": (160, 96),
-                   p + "mlp.down_proj.weight": (96, 160), p + "input_layernorm.weight": (96,),
-                   p + "post_attention_layernorm.weight": (96,)}
-    weights = {n: (1 + 0.1 * torch.randn(s, generator=gen)) if len(s) == 1 else 0.15 * torch.randn(s, generator=gen)
-               for n, s in shapes.items()}
-    return LoadedModel(config, weights, byte_tokenizer(), "tiny")
+    return tiny_llama(window=window, **extra)
 
 
 def _decode_logits(loaded, weights_dtype, fused=True, kv_cache_dtype="auto", monkeypatch=None, **engine_kwargs):
