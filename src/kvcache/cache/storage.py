@@ -575,11 +575,8 @@ class KVCache:
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst (copy-on-write of shared partial blocks)."""
-        if not pairs:
-            return
-        src = torch.tensor([p[0] for p in pairs], device=self.device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.device)
-        self.pages.copy_blocks(src, dst)
+        if pairs:
+            self.pages.copy_blocks(*self._sources_and_destinations(pairs))
 
     @property
     def moves_slots(self) -> bool:
@@ -588,11 +585,13 @@ class KVCache:
 
     def move_slots(self, pairs: list[tuple[int, int]]) -> None:
         """Copy token slots src -> dst (an eviction compacting live tokens), all reads first."""
-        if not pairs:
-            return
-        src = torch.tensor([p[0] for p in pairs], device=self.device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.device)
-        self.pages.move_slots(src, dst)
+        if pairs:
+            self.pages.move_slots(*self._sources_and_destinations(pairs))
+
+    def _sources_and_destinations(self, pairs: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(src, dst) index tensors on the cache's device from (src, dst) pairs."""
+        src, dst = zip(*pairs)
+        return torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
 
     def read_blocks(self, block_ids: list[int]) -> list[torch.Tensor]:
         """A host copy of some blocks (every region), for swapping out."""

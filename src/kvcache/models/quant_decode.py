@@ -41,7 +41,7 @@ def decode(q: torch.Tensor, cache: LayerCache, tables: torch.Tensor, seq_lens: l
     n, heads, hd = q.shape
     tables = tables.to(torch.int64).contiguous()  # [n, width]
     lens = torch.tensor(seq_lens, dtype=torch.int32)  # [n]
-    if n and (int(lens.min()) < 1 or int(lens.max()) > tables.shape[1] * block_size
+    if n and (min(seq_lens) < 1 or max(seq_lens) > tables.shape[1] * block_size
               or int(tables.min()) < 0 or int(tables.max()) >= num_blocks):
         raise IndexError(f"decode rows read outside the cache (lengths {seq_lens}, {num_blocks} blocks)")
     if stored.rotation is not None:  # keys stored as k @ R: q . k = (q @ R) . (k @ R)
