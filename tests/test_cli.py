@@ -65,3 +65,18 @@ def test_chat_reuses_the_conversation_cache():
     assert "Paris" in r.stdout
     reused = [int(x) for x in __import__("re").findall(r"(\d+) of \d+ prompt tokens from the cache", r.stderr)]
     assert len(reused) == 2 and reused[0] == 0 and reused[1] >= 32
+
+
+@pytest.mark.slow
+def test_generate_under_an_eviction_policy_reports_the_kv_it_holds():
+    """The KV line counts the tokens the request still holds, not every token it computed."""
+    r = _run("generate", "--chat", "Ship's log, day one: wind from the north-east, eleven knots. Day two: fog, "
+             "then a clear sky; the cook burned the bread. Day three: a whale off the port bow. Write the entry "
+             "for day four.", "--max-tokens", "12", "--json", "--kv-policy", "streaming", "--kv-budget", "32")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["completion_tokens"] == 12  # 11 decode steps, each evicting down to the budget first
+    assert out["kv_tokens"] == 32 + 1  # the budget, and the last step's token written after it
+    assert out["kv_tokens"] + out["kv_tokens_evicted"] == len(out["prompt_token_ids"]) + 11
+    assert out["kv_cache_bytes"] == out["kv_cache_bytes_formula"] == out["kv_tokens"] * 46080
+    assert out["kv_cache_bytes"] < out["kv_bytes_allocated"]

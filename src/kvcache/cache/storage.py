@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -566,12 +567,14 @@ class KVCache:
         """What the planner says ``num_blocks`` blocks cost (equal to :attr:`nbytes`, tested)."""
         return self.num_blocks * pool_block_bytes(self.groups, self.block_size)
 
-    def bytes_held(self, num_tokens: int) -> int:
-        """Bytes the KV of one sequence of ``num_tokens`` tokens occupies in its layers, read off the
-        allocated regions; a sliding layer holds at most its window."""
+    def bytes_held(self, num_tokens: int | Sequence[int]) -> int:
+        """Bytes the KV of one sequence of ``num_tokens`` tokens (or of that many per group, when an
+        eviction policy left the groups apart) occupies in its layers, read off the allocated regions;
+        a sliding layer holds at most its window."""
         slots = len(self.pages.group.layers)
-        return sum(self.pages.bytes_held(min(num_tokens, g.spec.window or num_tokens)) * len(g.layers) // slots
-                   for g in self.groups)
+        tokens = [num_tokens] * len(self.groups) if isinstance(num_tokens, int) else list(num_tokens)
+        return sum(self.pages.bytes_held(min(n, g.spec.window or n)) * len(g.layers) // slots
+                   for g, n in zip(self.groups, tokens))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole blocks src -> dst (copy-on-write of shared partial blocks)."""

@@ -149,14 +149,15 @@ def figures(engine: LLMEngine, out: RequestOutput) -> dict[str, Any]:
     prefill_s = m["first_token_time"] - m["arrival_time"]
     n_out = len(out.outputs[0].token_ids)
     decode_s = (m["finish_time"] or m["first_token_time"]) - m["first_token_time"]
-    kv_tokens = m["num_kv_tokens"]
+    held = m["num_kv_tokens_held"]  # per cache group, after any eviction
+    kv_tokens = max(held)
     return {
         "prompt_tokens": len(out.prompt_token_ids), "completion_tokens": n_out,
         "prefill_seconds": prefill_s, "prefill_tokens_per_second": len(out.prompt_token_ids) / prefill_s,
         "decode_seconds": decode_s,
         "decode_tokens_per_second": (n_out - 1) / decode_s if n_out > 1 and decode_s > 0 else None,
-        "kv_tokens": kv_tokens,
-        "kv_cache_bytes": engine.storage.bytes_held(kv_tokens),
+        "kv_tokens": kv_tokens, "kv_tokens_evicted": m["num_kv_tokens"] - kv_tokens,
+        "kv_cache_bytes": engine.storage.bytes_held(held),
         "kv_cache_bytes_formula": engine.kv_bytes_for_tokens(kv_tokens),
         "kv_blocks": m["peak_kv_blocks"], "kv_bytes_allocated": m["peak_kv_bytes"],
         "block_size": engine.cache_config.block_size, "kv_pool_blocks": engine.pool.num_blocks, "dtype": engine.dtype,
@@ -178,6 +179,7 @@ def describe(engine: LLMEngine, f: dict[str, Any]) -> str:
     decoded = f["completion_tokens"] - 1
     rate = f", {f['decode_tokens_per_second']:.1f} tok/s" if f["decode_tokens_per_second"] else ""
     match = "match" if f["kv_cache_bytes"] == f["kv_cache_bytes_formula"] else "MISMATCH"
+    evicted = f" ({f['kv_tokens_evicted']:,} dropped by the eviction policy)" if f["kv_tokens_evicted"] else ""
     draft = engine.stats().get("draft_kv_cache_bytes")
     draft_line = [] if draft is None else [
         f"draft    the draft model's own KV pool: {draft:,} B for {engine.pool.num_blocks:,} blocks, beside the "
@@ -191,7 +193,7 @@ def describe(engine: LLMEngine, f: dict[str, Any]) -> str:
         f"decode   {plural(decoded, 'more token')} in {f['decode_seconds']:.3f} s{rate}; "
         f"{f['dtype']}, KV cache {f['kv_cache_dtype']}, {plural(f['threads'], 'thread')}",
         f"weights  {f['weight_bytes']:,} B held ({f['weights']})",
-        f"KV held  {f['kv_cache_bytes']:,} B for {plural(f['kv_tokens'], 'token')} "
+        f"KV held  {f['kv_cache_bytes']:,} B for {plural(f['kv_tokens'], 'token')}{evicted} "
         f"({engine.storage.bytes_per_token:,} B/token, read off the cache tensors); "
         f"{plural(f['kv_blocks'], 'block')} of {f['block_size']} allocated = {f['kv_bytes_allocated']:,} B",
         f"formula  {per_token_formula} x "

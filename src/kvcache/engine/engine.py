@@ -543,6 +543,9 @@ class LLMEngine:
             "finish_time": max((r.finish_time or 0.0) for r in group.samples) if finished else None,
             "num_preemptions": sum(r.num_preemptions for r in group.samples),
             "num_kv_tokens": sum(r.num_computed_tokens for r in group.samples),
+            # per cache group: the tokens whose KV the samples still hold (an eviction policy drops some)
+            "num_kv_tokens_held": tuple(sum(r.num_computed_tokens - self.kv.num_evicted(r, g) for r in group.samples)
+                                        for g in range(self.kv.num_groups)),
             "peak_kv_blocks": sum(r.peak_blocks for r in group.samples),
             "peak_kv_bytes": sum(r.peak_blocks for r in group.samples) * self.block_bytes,
             "num_cached_prompt_tokens": first.num_cached_prompt_tokens,
