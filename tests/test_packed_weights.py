@@ -14,6 +14,7 @@ from kvcache import kernels
 from kvcache.config import SamplingParams, parse_weights_dtype
 from kvcache.engine.engine import LLMEngine, build_model, resolve_dtype
 from kvcache.models import fused_decode
+from kvcache.models import packed as packed_module
 from kvcache.models.loader import LoadedModel, native_blocks
 from kvcache.models.packed import (WEIGHT_FORMATS, PackedWeight, dequantize, matmul, prepare_weights, quantize,
                                    weight_format)
@@ -62,7 +63,7 @@ def test_gguf_blocks_are_taken_exactly(kind):
 
 
 @pytest.mark.parametrize("fmt", WEIGHT_FORMATS)
-@pytest.mark.parametrize("rows", [1, 2, 5, 16, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 13, 16, 40])
 def test_kernel_equals_pytorch(fmt, rows, monkeypatch):
     gen = torch.Generator().manual_seed(rows)
     w, x, bias = torch.randn(577, 96, generator=gen), torch.randn(rows, 96, generator=gen), torch.randn(577, generator=gen)
@@ -75,6 +76,22 @@ def test_kernel_equals_pytorch(fmt, rows, monkeypatch):
     for y in (ours, plain):
         assert y.dtype == torch.float32
         torch.testing.assert_close(y.double(), exact, atol=1e-4, rtol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rows", range(1, 17))
+def test_float_kernel_takes_any_width_and_row_count(fmt, rows, monkeypatch):
+    """Float weights need no blocks: a row length that is no multiple of 8 (the vector tail) and an
+    odd number of output rows (the last register block's spare row) against the float64 product,
+    for as many rows as a fused step carries (more than six take several passes)."""
+    monkeypatch.setitem(packed_module.KERNEL_MAX_ROWS, fmt, 16)
+    assert packed_module.uses_kernel(torch.zeros(rows, 99), fmt)
+    gen = torch.Generator().manual_seed(100 + rows)
+    w, x = torch.randn(75, 99, generator=gen), torch.randn(rows, 99, generator=gen)
+    packed = quantize(w, fmt)
+    torch.testing.assert_close(matmul(x, packed).double(), x.double() @ dequantize(packed).double().T,
+                               atol=1e-4, rtol=1e-5)
 
 
 def test_weight_format_rules():

@@ -141,17 +141,66 @@ static void rope_and_store(const kv_model *m, const kv_layer *ly, const kv_group
     }
 }
 
-/* One cached key or value row (head_dim values, float32 or bfloat16) widened into `out`. */
-static inline void load_row(const kv_model *m, const void *cache, long index, float *out) {
-    int hd = m->head_dim, d = 0;
-    if (m->kv_bf16) {
-        const uint16_t *p = (const uint16_t *)cache + index;
 #ifdef KV_AVX2
-        for (; d + 8 <= hd; d += 8) _mm256_storeu_ps(out + d, kv_load_bf16(p + d));
+static inline __m256 cache_vector(const kv_model *m, const void *cache, long index) {  /* 8 values widened */
+    return m->kv_bf16 ? kv_load_bf16((const uint16_t *)cache + index) : _mm256_loadu_ps((const float *)cache + index);
+}
 #endif
-        for (; d < hd; d++) out[d] = cache_value(m, p, d);
-    } else {
-        memcpy(out, (const float *)cache + index, (size_t)hd * sizeof(float));
+
+/* scores[t] = scale * q . key t for the keys at cache indices where[0 .. count), four keys at a time
+ * (four independent sums, where one key at a time waits on each multiply-add's latency). */
+static void key_scores(const kv_model *m, const void *keys, const long *where, int count, const float *q,
+                       float *scores) {
+    int hd = m->head_dim, t = 0;
+#ifdef KV_AVX2
+    if (hd % 8 == 0)
+        for (; t + 4 <= count; t += 4) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int d = 0; d < hd; d += 8) {
+                __m256 qv = _mm256_loadu_ps(q + d);
+                a0 = _mm256_fmadd_ps(qv, cache_vector(m, keys, where[t] + d), a0);
+                a1 = _mm256_fmadd_ps(qv, cache_vector(m, keys, where[t + 1] + d), a1);
+                a2 = _mm256_fmadd_ps(qv, cache_vector(m, keys, where[t + 2] + d), a2);
+                a3 = _mm256_fmadd_ps(qv, cache_vector(m, keys, where[t + 3] + d), a3);
+            }
+            scores[t] = kv_hsum(a0) * m->scale;
+            scores[t + 1] = kv_hsum(a1) * m->scale;
+            scores[t + 2] = kv_hsum(a2) * m->scale;
+            scores[t + 3] = kv_hsum(a3) * m->scale;
+        }
+#endif
+    for (; t < count; t++) {
+        float sum = 0.0f;
+        for (int d = 0; d < hd; d++) sum += q[d] * cache_value(m, keys, where[t] + d);
+        scores[t] = sum * m->scale;
+    }
+}
+
+/* out[0 .. hd) = sum over t of p[t] * value t (values at cache indices where[0 .. count)), 64 or 8
+ * values of out at a time held in registers across all the keys. */
+static void weighted_values(const kv_model *m, const void *values, const long *where, int count, const float *p,
+                            float *out) {
+    int hd = m->head_dim, d = 0;
+#ifdef KV_AVX2
+    for (; d + 64 <= hd; d += 64) {
+        __m256 a[8];
+        for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
+        for (int t = 0; t < count; t++) {
+            __m256 w = _mm256_set1_ps(p[t]);
+            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(w, cache_vector(m, values, where[t] + d + 8 * i), a[i]);
+        }
+        for (int i = 0; i < 8; i++) _mm256_storeu_ps(out + d + 8 * i, a[i]);
+    }
+    for (; d + 8 <= hd; d += 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (int t = 0; t < count; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), cache_vector(m, values, where[t] + d), a);
+        _mm256_storeu_ps(out + d, a);
+    }
+#endif
+    for (; d < hd; d++) {
+        float sum = 0.0f;
+        for (int t = 0; t < count; t++) sum += p[t] * cache_value(m, values, where[t] + d);
+        out[d] = sum;
     }
 }
 
@@ -173,30 +222,34 @@ static key_range keys_of(const kv_model *m, const kv_layer *ly, const kv_group_p
 }
 
 /* Part `part` of (token i, kv head kh). partial: per query head g, [max, sum, hd weighted values].
- * scores: room for one score per key of the part; row: head_dim floats. */
+ * scores: room for one score per key of the part per query head; where: one index per key. */
 static void attend_part(const kv_model *m, const kv_layer *ly, const kv_group_plan *plan, const float *qkv,
-                        int i, int kh, key_range r, int part, float *partial, float *scores, float *row) {
+                        int i, int kh, key_range r, int part, float *partial, float *scores, long *where) {
     int hd = m->head_dim, group = m->heads / m->kv_heads, bs = m->block_size;
     int count = r.len - r.first;
     int lo = r.first + (int)((long)count * part / r.parts), hi = r.first + (int)((long)count * (part + 1) / r.parts);
     const int64_t *table = plan->tables + (long)plan->token_seq[i] * plan->width;
     const float *q = qkv + (long)i * (m->heads + 2 * m->kv_heads) * hd + (long)kh * group * hd;
-    for (int t = lo; t < hi; t++) {
-        load_row(m, ly->k, cache_index(m, kh, table[t / bs] * bs + t % bs), row);
-        for (int g = 0; g < group; g++) scores[g * (hi - lo) + t - lo] = dot(q + g * hd, row, hd) * m->scale;
-    }
+    for (int t = lo; t < hi; t++) where[t - lo] = cache_index(m, kh, table[t / bs] * bs + t % bs);
     for (int g = 0; g < group; g++) {
         float *p = scores + g * (hi - lo), top = -INFINITY, total = 0.0f;
+        key_scores(m, ly->k, where, hi - lo, q + g * hd, p);
         for (int t = 0; t < hi - lo; t++) top = p[t] > top ? p[t] : top;
-        for (int t = 0; t < hi - lo; t++) { p[t] = expf(p[t] - top); total += p[t]; }
+        int t = 0;
+#ifdef KV_AVX2
+        __m256 sum = _mm256_setzero_ps();
+        for (; t + 8 <= hi - lo; t += 8) {
+            __m256 e = kv_exp(_mm256_sub_ps(_mm256_loadu_ps(p + t), _mm256_set1_ps(top)));
+            _mm256_storeu_ps(p + t, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        total = kv_hsum(sum);
+#endif
+        for (; t < hi - lo; t++) { p[t] = expf(p[t] - top); total += p[t]; }
         float *out = partial + (long)g * (hd + 2);
         out[0] = top;
         out[1] = total;
-        memset(out + 2, 0, (size_t)hd * sizeof(float));
-    }
-    for (int t = lo; t < hi; t++) {
-        load_row(m, ly->v, cache_index(m, kh, table[t / bs] * bs + t % bs), row);
-        for (int g = 0; g < group; g++) axpy(partial + (long)g * (hd + 2) + 2, scores[g * (hi - lo) + t - lo], row, hd);
+        weighted_values(m, ly->v, where, hi - lo, p, out + 2);
     }
 }
 
@@ -217,6 +270,33 @@ static void merge(const kv_model *m, int i, int kh, int parts, const float *part
         }
         for (int d = 0; d < hd; d++) o[d] /= total;
     }
+}
+
+/* This thread's share of act[n, I] = silu(gate) * up, gu = [gate | up] per token, and of Q4_1's block
+ * sums of act when `sums` (the share is whole blocks of 32: I is a multiple of 32 for Q4_1). */
+static void silu_mul_share(const float *gu, int n, int I, int sums, float *act, float *xsum, int tid, int nt) {
+    int begin, end;
+    kv_share(tid, nt, n * I, 2 * QBLOCK, &begin, &end);
+    for (int e = begin; e < end;) {  /* a run of one token's row at a time */
+        int i = e / I, k = e % I, stop = end - e < I - k ? k + end - e : I;
+        const float *gate = gu + (long)i * 2 * I, *up = gate + I;
+        float *out = act + (long)i * I;
+#ifdef KV_AVX2
+        for (; k + 8 <= stop; k += 8) {
+            __m256 g = _mm256_loadu_ps(gate + k), one = _mm256_set1_ps(1.0f);
+            __m256 sig = _mm256_add_ps(one, kv_exp(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+            _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_div_ps(g, sig), _mm256_loadu_ps(up + k)));
+        }
+#endif
+        for (; k < stop; k++) out[k] = gate[k] / (1.0f + expf(-gate[k])) * up[k];
+        e = i * I + stop;
+    }
+    if (sums)
+        for (int b = begin / QBLOCK; b < (end + QBLOCK - 1) / QBLOCK; b++) {
+            float total = 0.0f;
+            for (int k = 0; k < QBLOCK; k++) total += act[(long)b * QBLOCK + k];
+            xsum[b] = total;
+        }
 }
 
 /* --- the step ---------------------------------------------------------------------------------- */
@@ -244,9 +324,10 @@ int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const 
     long part_floats = (long)group * (hd + 2);  /* one attention part's result */
     size_t floats = (size_t)n * (H + width + m->heads * hd + H + 2 * I + I + widest / QBLOCK + 1)
                   + (size_t)n * m->kv_heads * nthreads * part_floats
-                  + (size_t)nthreads * ((size_t)group * longest + hd);
+                  + (size_t)nthreads * group * longest;
     float *buf = malloc(floats * sizeof(float));
-    if (!buf) return -2;
+    long *where_all = malloc((size_t)nthreads * longest * sizeof(long));
+    if (!buf || !where_all) { free(buf); free(where_all); return -2; }
     float *x = buf, *qkv = x + (size_t)n * H, *attn = qkv + (size_t)n * width, *tmp = attn + (size_t)n * m->heads * hd;
     float *gu = tmp + (size_t)n * H, *act = gu + (size_t)n * 2 * I, *xsum = act + (size_t)n * I;
     float *partials = xsum + (size_t)n * (widest / QBLOCK + 1);
@@ -261,7 +342,8 @@ int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const 
         int tid = 0, nt = 1;
 #endif
         int sense = 0;
-        float *scores = scratch + (size_t)tid * ((size_t)group * longest + hd), *key = scores + (size_t)group * longest;
+        float *scores = scratch + (size_t)tid * group * longest;
+        long *where = where_all + (size_t)tid * longest;
         for (int l = 0; l < m->num_layers; l++) {
             const kv_layer *ly = &m->layers[l];
             const kv_group_plan *plan = &plans[ly->group];
@@ -281,7 +363,7 @@ int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const 
                 int i = 0, t = task, parts;
                 while (t >= (parts = keys_of(m, ly, plan, i, nt).parts) * m->kv_heads) { t -= parts * m->kv_heads; i++; }
                 key_range r = keys_of(m, ly, plan, i, nt);
-                attend_part(m, ly, plan, qkv, i, t / parts, r, t % parts, partials + (long)task * part_floats, scores, key);
+                attend_part(m, ly, plan, qkv, i, t / parts, r, t % parts, partials + (long)task * part_floats, scores, where);
             }
             meet(&bar, &sense, nt);
             for (int pair = tid, base = 0; pair < n * m->kv_heads; pair += nt) {
@@ -306,21 +388,16 @@ int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const 
             meet(&bar, &sense, nt);
             matmul_share(&ly->gate_up, n, x, xsum, gu, tid, nt);
             meet(&bar, &sense, nt);
-            if (tid == 0) {
-                for (int i = 0; i < n; i++)
-                    for (int k = 0; k < I; k++) {
-                        float g = gu[(long)i * 2 * I + k], u = gu[(long)i * 2 * I + I + k];
-                        act[(long)i * I + k] = g / (1.0f + expf(-g)) * u;
-                    }
-                if (ly->down.fmt == FMT_Q4_1) kv_block_sums(act, n, I, xsum);
-            }
+            silu_mul_share(gu, n, I, ly->down.fmt == FMT_Q4_1, act, xsum, tid, nt);
             meet(&bar, &sense, nt);
             matmul_share(&ly->down, n, act, xsum, tmp, tid, nt);
             meet(&bar, &sense, nt);
             if (tid == 0)
                 for (long k = 0; k < (long)n * H; k++) h[k] += tmp[k];
+           
         }
     }
     free(buf);
+    free(where_all);
     return 0;
 }

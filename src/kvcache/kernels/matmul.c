@@ -19,7 +19,6 @@
  */
 #include "kernels.h"
 
-#define ROWS 4  /* output rows per register block */
 
 static inline float bf16_to_float(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16; float f; memcpy(&f, &bits, 4); return f;
@@ -83,36 +82,6 @@ static void NAME(const job_t *j, int begin, int end) {                          
     }                                                                                              \
 }
 
-/* Several activation rows (speculative verification, short prefill): ROWS weight rows x 2
- * activation rows per register block, the next block prefetched; a short block repeats its last
- * row (computed, not stored). */
-#define FLOAT_TILE(NAME, TYPE, LOADV, TOFLOAT)                                                     \
-static void NAME(const job_t *j, int begin, int end) {                                             \
-    const TYPE *W = j->w;                                                                          \
-    int K = j->K;                                                                                  \
-    for (int n = begin; n < end; n += ROWS) {                                                      \
-        const TYPE *w[ROWS];                                                                       \
-        for (int r = 0; r < ROWS; r++) w[r] = W + (long)(n + r < end ? n + r : end - 1) * K;       \
-        for (int m = 0; m < j->M; m += 2) {                                                        \
-            const float *x0 = j->x + (long)m * K, *x1 = j->x + (long)(m + 1 < j->M ? m + 1 : m) * K; \
-            float acc[2][ROWS] = {{0}};                                                            \
-            int k = 0;                                                                             \
-            FLOAT_TILE_SIMD(LOADV)                                                                 \
-            for (; k < K; k++) {                                                                   \
-                for (int r = 0; r < ROWS; r++) {                                                   \
-                    float wv = TOFLOAT(w[r][k]);                                                   \
-                    acc[0][r] += wv * x0[k];                                                       \
-                    acc[1][r] += wv * x1[k];                                                       \
-                }                                                                                  \
-            }                                                                                      \
-            for (int r = 0; r < ROWS && n + r < end; r++) {                                        \
-                store(j, m, n + r, acc[0][r]);                                                     \
-                if (m + 1 < j->M) store(j, m + 1, n + r, acc[1][r]);                               \
-            }                                                                                      \
-        }                                                                                          \
-    }                                                                                              \
-}
-
 #ifdef KV_AVX2
 #define FLOAT_ROW_SIMD(LOADV)                                                                      \
     {                                                                                              \
@@ -127,42 +96,97 @@ static void NAME(const job_t *j, int begin, int end) {                          
         }                                                                                          \
         acc = kv_hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));                   \
     }
-#define FLOAT_TILE_SIMD(LOADV)                                                                     \
-    {                                                                                              \
-        __m256 a0[ROWS], a1[ROWS];                                                                 \
-        for (int r = 0; r < ROWS; r++) { a0[r] = _mm256_setzero_ps(); a1[r] = _mm256_setzero_ps(); } \
-        for (; k + 8 <= K; k += 8) {                                                               \
-            __m256 xa = _mm256_loadu_ps(x0 + k), xb = _mm256_loadu_ps(x1 + k);                     \
-            for (int r = 0; r < ROWS; r++) {                                                       \
-                if (m == 0) prefetch(w[r] + k + (long)ROWS * K);                                   \
-                __m256 wv = LOADV(w[r] + k);                                                       \
-                a0[r] = _mm256_fmadd_ps(wv, xa, a0[r]);                                            \
-                a1[r] = _mm256_fmadd_ps(wv, xb, a1[r]);                                            \
-            }                                                                                      \
-        }                                                                                          \
-        for (int r = 0; r < ROWS; r++) { acc[0][r] = kv_hsum(a0[r]); acc[1][r] = kv_hsum(a1[r]); }      \
-    }
 #define LOAD_F32(p) _mm256_loadu_ps(p)
 #define LOAD_BF16(p) kv_load_bf16(p)
 #else
 #define FLOAT_ROW_SIMD(LOADV)
-#define FLOAT_TILE_SIMD(LOADV)
 #endif
 #define AS_FLOAT(v) (v)
 
 FLOAT_ROW(f32_row, float, LOAD_F32, AS_FLOAT)
 FLOAT_ROW(bf16_row, uint16_t, LOAD_BF16, bf16_to_float)
-FLOAT_TILE(f32_tile, float, LOAD_F32, AS_FLOAT)
-FLOAT_TILE(bf16_tile, uint16_t, LOAD_BF16, bf16_to_float)
+
+/* Several activation rows (speculative verification, short prefill): two weight rows times up to
+ * six activation rows per register block, each weight vector loaded once for all of them (12
+ * accumulators, two weight vectors and one activation vector: 15 of AVX2's 16 registers; named
+ * variables, as arrays of vectors were kept in memory by the compiler). More than six rows take
+ * passes of six over the two weight rows, which then come from L1; each pass prefetches its share
+ * of the next two rows, so memory keeps streaming while the passes compute. A block past the end
+ * repeats the last weight row (computed, not stored). */
+static inline __attribute__((always_inline)) float weight_at(const void *w, long i, const int bf16) {
+    return bf16 ? bf16_to_float(((const uint16_t *)w)[i]) : ((const float *)w)[i];
+}
+
+#ifdef KV_AVX2
+static inline __attribute__((always_inline)) __m256 weight_vector(const void *w, int k, const int bf16) {
+    return bf16 ? kv_load_bf16((const uint16_t *)w + k) : _mm256_loadu_ps((const float *)w + k);
+}
+#endif
+
+/* Rows m0 .. m0 + MR - 1 of y[:, n] and y[:, n + 1] (MR a constant 1..6); pass `pass` of `passes`. */
+static inline __attribute__((always_inline))
+void float_block(const job_t *j, int n, int end, int m0, int pass, int passes, const int MR, const int bf16) {
+    int K = j->K;
+    long size = bf16 ? 2 : 4;
+    const char *w0 = (const char *)j->w + (long)n * K * size;
+    const char *w1 = n + 1 < end ? w0 + K * size : w0;
+    const char *next = (const char *)j->w + (long)(n + 2 < j->N ? n + 2 : n) * K * size;
+    const float *x[6];
+    for (int m = 0; m < 6; m++) x[m] = j->x + (long)(m0 + (m < MR ? m : 0)) * K;
+    float sums[2][6] = {{0}};
+    int k = 0;
+#ifdef KV_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;
+    long ahead = (long)pass * 2 * K * size / passes, step = 16 * size / passes;  /* this pass's share */
+    for (; k + 8 <= K; k += 8, ahead += step) {
+        prefetch(next + ahead);
+        __m256 u = weight_vector(w0, k, bf16), v = weight_vector(w1, k, bf16), xv;
+#define ROW(i) if (MR > i) { xv = _mm256_loadu_ps(x[i] + k); a##i = _mm256_fmadd_ps(u, xv, a##i); b##i = _mm256_fmadd_ps(v, xv, b##i); }
+        ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5)
+#undef ROW
+    }
+#define SUM(i) if (MR > i) { sums[0][i] = kv_hsum(a##i); sums[1][i] = kv_hsum(b##i); }
+    SUM(0) SUM(1) SUM(2) SUM(3) SUM(4) SUM(5)
+#undef SUM
+#else
+    (void)pass; (void)passes; (void)next;
+#endif
+    for (; k < K; k++)
+        for (int m = 0; m < MR; m++) {
+            sums[0][m] += weight_at(w0, k, bf16) * x[m][k];
+            sums[1][m] += weight_at(w1, k, bf16) * x[m][k];
+        }
+    for (int m = 0; m < MR; m++) {
+        store(j, m0 + m, n, sums[0][m]);
+        if (n + 1 < end) store(j, m0 + m, n + 1, sums[1][m]);
+    }
+}
+
+static inline __attribute__((always_inline)) void float_tile(const job_t *j, int begin, int end, const int bf16) {
+    int passes = (j->M + 5) / 6;
+    for (int n = begin; n < end; n += 2)
+        for (int pass = 0; pass < passes; pass++) {
+            int m0 = 6 * pass, rows = j->M - m0 < 6 ? j->M - m0 : 6;
+            switch (rows) {
+            case 1: float_block(j, n, end, m0, pass, passes, 1, bf16); break;
+            case 2: float_block(j, n, end, m0, pass, passes, 2, bf16); break;
+            case 3: float_block(j, n, end, m0, pass, passes, 3, bf16); break;
+            case 4: float_block(j, n, end, m0, pass, passes, 4, bf16); break;
+            case 5: float_block(j, n, end, m0, pass, passes, 5, bf16); break;
+            default: float_block(j, n, end, m0, pass, passes, 6, bf16); break;
+            }
+        }
+}
 
 static void f32_range(const void *arg, int begin, int end) {
     const job_t *j = arg;
-    if (j->M == 1) f32_row(j, begin, end); else f32_tile(j, begin, end);
+    if (j->M == 1) f32_row(j, begin, end); else float_tile(j, begin, end, 0);
 }
 
 static void bf16_range(const void *arg, int begin, int end) {
     const job_t *j = arg;
-    if (j->M == 1) bf16_row(j, begin, end); else bf16_tile(j, begin, end);
+    if (j->M == 1) bf16_row(j, begin, end); else float_tile(j, begin, end, 1);
 }
 
 /* Quantized rows. A block's 32 values are widened to four vectors of 8 floats. */
@@ -370,6 +394,6 @@ int kv_matmul(int fmt, int M, int N, int K, const float *x, const void *w, const
     job_t job = {fmt, M, N, K, x, xsum, w, d, mn, bias, y};
     /* below ~64k multiply-adds a second thread costs more than it saves */
     if ((long)M * N * K < 65536) nthreads = 1;
-    parallel_for(fn, &job, N, 4 * ROWS, nthreads);
+    parallel_for(fn, &job, N, 16, nthreads);
     return 0;
 }
