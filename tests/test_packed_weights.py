@@ -127,7 +127,8 @@ def _tiny(window=None, **extra) -> LoadedModel:
     return tiny_llama(window=window, **extra)
 
 
-def _decode_logits(loaded, weights_dtype, fused=True, kv_cache_dtype="auto", monkeypatch=None, **engine_kwargs):
+def _decode_logits(loaded, weights_dtype, fused=True, kv_cache_dtype="auto", monkeypatch=None,
+                   lengths=(5, 23, 11), **engine_kwargs):
     """Three prompts of different lengths decoded together; every sampled step's logits."""
     from tiny_models import run_recording_logits
     if not fused:
@@ -135,7 +136,7 @@ def _decode_logits(loaded, weights_dtype, fused=True, kv_cache_dtype="auto", mon
     engine = LLMEngine(loaded=loaded, weights_dtype=weights_dtype, kv_cache_dtype=kv_cache_dtype, block_size=4,
                        num_blocks=128, **engine_kwargs)
     gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 23, 11)]
+    prompts = [torch.randint(0, 256, (n,), generator=gen).tolist() for n in lengths]
     prompts[2][5:] = prompts[2][:6]  # a repeat for prompt lookup to draft from
     out = run_recording_logits(engine, prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     if monkeypatch:
@@ -162,6 +163,21 @@ def test_fused_decode_equals_the_pytorch_forward(weights_dtype, kv, window, monk
     for (tokens_a, logits_a), (tokens_b, logits_b) in zip(fused, plain):
         assert tokens_a == tokens_b
         torch.testing.assert_close(logits_a, logits_b, atol=atol, rtol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 32), (4, 2, 12), (8, 2, 40), (7, 1, 64)])
+@pytest.mark.parametrize("kv", ["auto", "bfloat16"])
+def test_fused_attention_takes_any_group_and_head_size(heads, kv_heads, head_dim, kv, monkeypatch):
+    """The kernel's attention handles query heads three at a time and head_dim in runs of 32, 8 and
+    1, and splits a long context into parts: groups of 1, 2, 4 and 7 heads, head_dim 12, 32, 40 and
+    64, and a 300-token prompt (more than one part) against the PyTorch forward."""
+    loaded = _tiny(heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    fused = _decode_logits(loaded, "float32", True, kv, lengths=(300, 9, 40))
+    plain = _decode_logits(loaded, "float32", False, kv, monkeypatch, lengths=(300, 9, 40))
+    for (tokens_a, logits_a), (tokens_b, logits_b) in zip(fused, plain):
+        assert tokens_a == tokens_b
+        torch.testing.assert_close(logits_a, logits_b, atol=2e-3 if kv == "bfloat16" else 2e-4, rtol=1e-4)
 
 
 def test_fused_decode_is_taken_for_decodes(monkeypatch):

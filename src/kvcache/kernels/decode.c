@@ -141,66 +141,141 @@ static void rope_and_store(const kv_model *m, const kv_layer *ly, const kv_group
     }
 }
 
+#define KEYS_AHEAD 8  /* how many keys ahead of the one read a row is asked for (rows sit in scattered blocks) */
+
+static inline void prefetch_row(const kv_model *m, const void *cache, long index) {
+#if defined(__GNUC__)
+    const char *row = (const char *)cache + index * (m->kv_bf16 ? 2 : 4);
+    for (int at = 0; at < m->head_dim * (m->kv_bf16 ? 2 : 4); at += 64) __builtin_prefetch(row + at, 0, 3);
+#endif
+}
+
 #ifdef KV_AVX2
 static inline __m256 cache_vector(const kv_model *m, const void *cache, long index) {  /* 8 values widened */
     return m->kv_bf16 ? kv_load_bf16((const uint16_t *)cache + index) : _mm256_loadu_ps((const float *)cache + index);
 }
 #endif
 
-/* scores[t] = scale * q . key t for the keys at cache indices where[0 .. count), four keys at a time
- * (four independent sums, where one key at a time waits on each multiply-add's latency). */
-static void key_scores(const kv_model *m, const void *keys, const long *where, int count, const float *q,
-                       float *scores) {
+/* For H (1 to 3) query heads q[h * hd ..] of one kv head: scores[h * count + t] = scale * q_h . key t,
+ * for the keys at cache indices where[0 .. count). Four keys at a time (independent sums, where one
+ * key at a time waits on each multiply-add's latency), each key vector loaded and widened once for
+ * all H heads: 12 accumulators, 3 query vectors and a key vector fill AVX2's 16 registers. */
+static inline __attribute__((always_inline))
+void key_scores(const kv_model *m, const void *keys, const long *where, int count, const float *q, float *scores,
+                const int H) {
     int hd = m->head_dim, t = 0;
 #ifdef KV_AVX2
     if (hd % 8 == 0)
         for (; t + 4 <= count; t += 4) {
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int ahead = t + KEYS_AHEAD; ahead < t + KEYS_AHEAD + 4 && ahead < count; ahead++)
+                prefetch_row(m, keys, where[ahead]);
+            __m256 z = _mm256_setzero_ps(), a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z;
+            __m256 a20 = z, a21 = z, a22 = z, a23 = z, q0, q1 = z, q2 = z, k;
             for (int d = 0; d < hd; d += 8) {
-                __m256 qv = _mm256_loadu_ps(q + d);
-                a0 = _mm256_fmadd_ps(qv, cache_vector(m, keys, where[t] + d), a0);
-                a1 = _mm256_fmadd_ps(qv, cache_vector(m, keys, where[t + 1] + d), a1);
-                a2 = _mm256_fmadd_ps(qv, cache_vector(m, keys, where[t + 2] + d), a2);
-                a3 = _mm256_fmadd_ps(qv, cache_vector(m, keys, where[t + 3] + d), a3);
+                q0 = _mm256_loadu_ps(q + d);
+                if (H > 1) q1 = _mm256_loadu_ps(q + hd + d);
+                if (H > 2) q2 = _mm256_loadu_ps(q + 2 * hd + d);
+#define KEY(j) k = cache_vector(m, keys, where[t + j] + d); a0##j = _mm256_fmadd_ps(q0, k, a0##j);            \
+               if (H > 1) a1##j = _mm256_fmadd_ps(q1, k, a1##j);                                          \
+               if (H > 2) a2##j = _mm256_fmadd_ps(q2, k, a2##j);
+                KEY(0) KEY(1) KEY(2) KEY(3)
+#undef KEY
             }
-            scores[t] = kv_hsum(a0) * m->scale;
-            scores[t + 1] = kv_hsum(a1) * m->scale;
-            scores[t + 2] = kv_hsum(a2) * m->scale;
-            scores[t + 3] = kv_hsum(a3) * m->scale;
+#define SCORE(h, j) scores[h * count + t + j] = kv_hsum(a##h##j) * m->scale;
+            SCORE(0, 0) SCORE(0, 1) SCORE(0, 2) SCORE(0, 3)
+            if (H > 1) { SCORE(1, 0) SCORE(1, 1) SCORE(1, 2) SCORE(1, 3) }
+            if (H > 2) { SCORE(2, 0) SCORE(2, 1) SCORE(2, 2) SCORE(2, 3) }
+#undef SCORE
         }
 #endif
-    for (; t < count; t++) {
-        float sum = 0.0f;
-        for (int d = 0; d < hd; d++) sum += q[d] * cache_value(m, keys, where[t] + d);
-        scores[t] = sum * m->scale;
+    for (; t < count; t++)
+        for (int h = 0; h < H; h++) {
+            float sum = 0.0f;
+            for (int d = 0; d < hd; d++) sum += q[h * hd + d] * cache_value(m, keys, where[t] + d);
+            scores[h * count + t] = sum * m->scale;
+        }
+}
+
+/* For H (1 to 3) query heads: out[h * stride + d] = sum over t of p[h * count + t] * value t (values at
+ * cache indices where[0 .. count)), 32 or 8 values of each head's output at a time held in registers
+ * across all the keys, each value vector loaded and widened once for all H heads. */
+static inline __attribute__((always_inline))
+void weighted_values(const kv_model *m, const void *values, const long *where, int count, const float *p,
+                     float *out, long stride, const int H) {
+    int hd = m->head_dim, d = 0;
+#ifdef KV_AVX2
+    for (; d + 32 <= hd; d += 32) {
+        __m256 z = _mm256_setzero_ps(), a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z;
+        __m256 a20 = z, a21 = z, a22 = z, a23 = z, w0, w1 = z, w2 = z, v;
+        for (int t = 0; t < count; t++) {
+            if (d == 0 && t + KEYS_AHEAD < count) prefetch_row(m, values, where[t + KEYS_AHEAD]);
+            w0 = _mm256_set1_ps(p[t]);
+            if (H > 1) w1 = _mm256_set1_ps(p[count + t]);
+            if (H > 2) w2 = _mm256_set1_ps(p[2 * count + t]);
+#define VALUE(i) v = cache_vector(m, values, where[t] + d + 8 * i); a0##i = _mm256_fmadd_ps(w0, v, a0##i);     \
+                 if (H > 1) a1##i = _mm256_fmadd_ps(w1, v, a1##i);                                          \
+                 if (H > 2) a2##i = _mm256_fmadd_ps(w2, v, a2##i);
+            VALUE(0) VALUE(1) VALUE(2) VALUE(3)
+#undef VALUE
+        }
+#define STORE(h, i) _mm256_storeu_ps(out + h * stride + d + 8 * i, a##h##i);
+        STORE(0, 0) STORE(0, 1) STORE(0, 2) STORE(0, 3)
+        if (H > 1) { STORE(1, 0) STORE(1, 1) STORE(1, 2) STORE(1, 3) }
+        if (H > 2) { STORE(2, 0) STORE(2, 1) STORE(2, 2) STORE(2, 3) }
+#undef STORE
+    }
+    for (; d + 8 <= hd; d += 8)
+        for (int h = 0; h < H; h++) {
+            __m256 a = _mm256_setzero_ps();
+            for (int t = 0; t < count; t++)
+                a = _mm256_fmadd_ps(_mm256_set1_ps(p[h * count + t]), cache_vector(m, values, where[t] + d), a);
+            _mm256_storeu_ps(out + h * stride + d, a);
+        }
+#endif
+    for (; d < hd; d++)
+        for (int h = 0; h < H; h++) {
+            float sum = 0.0f;
+            for (int t = 0; t < count; t++) sum += p[h * count + t] * cache_value(m, values, where[t] + d);
+            out[h * stride + d] = sum;
+        }
+}
+
+/* softmax of each of H heads' scores in place (exp(score - largest)); per head h, its largest score
+ * and the sum of the exponentials go to stats[h * stride] and stats[h * stride + 1]. */
+static void softmax_parts(float *scores, int count, int H, float *stats, long stride) {
+    for (int h = 0; h < H; h++) {
+        float *p = scores + (long)h * count, top = -INFINITY, total = 0.0f;
+        for (int t = 0; t < count; t++) top = p[t] > top ? p[t] : top;
+        int t = 0;
+#ifdef KV_AVX2
+        __m256 sum = _mm256_setzero_ps();
+        for (; t + 8 <= count; t += 8) {
+            __m256 e = kv_exp(_mm256_sub_ps(_mm256_loadu_ps(p + t), _mm256_set1_ps(top)));
+            _mm256_storeu_ps(p + t, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        total = kv_hsum(sum);
+#endif
+        for (; t < count; t++) { p[t] = expf(p[t] - top); total += p[t]; }
+        stats[h * stride] = top;
+        stats[h * stride + 1] = total;
     }
 }
 
-/* out[0 .. hd) = sum over t of p[t] * value t (values at cache indices where[0 .. count)), 64 or 8
- * values of out at a time held in registers across all the keys. */
-static void weighted_values(const kv_model *m, const void *values, const long *where, int count, const float *p,
-                            float *out) {
-    int hd = m->head_dim, d = 0;
-#ifdef KV_AVX2
-    for (; d + 64 <= hd; d += 64) {
-        __m256 a[8];
-        for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
-        for (int t = 0; t < count; t++) {
-            __m256 w = _mm256_set1_ps(p[t]);
-            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(w, cache_vector(m, values, where[t] + d + 8 * i), a[i]);
-        }
-        for (int i = 0; i < 8; i++) _mm256_storeu_ps(out + d + 8 * i, a[i]);
+/* Up to three query heads of a group over one run of keys: scores, softmax, weighted values. */
+static void attend_heads(const kv_model *m, const kv_layer *ly, const long *where, int count, const float *q,
+                         int H, float *scores, float *partial) {
+    long stride = m->head_dim + 2;
+    switch (H) {
+    case 1: key_scores(m, ly->k, where, count, q, scores, 1); break;
+    case 2: key_scores(m, ly->k, where, count, q, scores, 2); break;
+    default: key_scores(m, ly->k, where, count, q, scores, 3); break;
     }
-    for (; d + 8 <= hd; d += 8) {
-        __m256 a = _mm256_setzero_ps();
-        for (int t = 0; t < count; t++) a = _mm256_fmadd_ps(_mm256_set1_ps(p[t]), cache_vector(m, values, where[t] + d), a);
-        _mm256_storeu_ps(out + d, a);
-    }
-#endif
-    for (; d < hd; d++) {
-        float sum = 0.0f;
-        for (int t = 0; t < count; t++) sum += p[t] * cache_value(m, values, where[t] + d);
-        out[d] = sum;
+    softmax_parts(scores, count, H, partial, stride);
+    switch (H) {
+    case 1: weighted_values(m, ly->v, where, count, scores, partial + 2, stride, 1); break;
+    case 2: weighted_values(m, ly->v, where, count, scores, partial + 2, stride, 2); break;
+    default: weighted_values(m, ly->v, where, count, scores, partial + 2, stride, 3); break;
     }
 }
 
@@ -230,27 +305,13 @@ static void attend_part(const kv_model *m, const kv_layer *ly, const kv_group_pl
     int lo = r.first + (int)((long)count * part / r.parts), hi = r.first + (int)((long)count * (part + 1) / r.parts);
     const int64_t *table = plan->tables + (long)plan->token_seq[i] * plan->width;
     const float *q = qkv + (long)i * (m->heads + 2 * m->kv_heads) * hd + (long)kh * group * hd;
-    for (int t = lo; t < hi; t++) where[t - lo] = cache_index(m, kh, table[t / bs] * bs + t % bs);
-    for (int g = 0; g < group; g++) {
-        float *p = scores + g * (hi - lo), top = -INFINITY, total = 0.0f;
-        key_scores(m, ly->k, where, hi - lo, q + g * hd, p);
-        for (int t = 0; t < hi - lo; t++) top = p[t] > top ? p[t] : top;
-        int t = 0;
-#ifdef KV_AVX2
-        __m256 sum = _mm256_setzero_ps();
-        for (; t + 8 <= hi - lo; t += 8) {
-            __m256 e = kv_exp(_mm256_sub_ps(_mm256_loadu_ps(p + t), _mm256_set1_ps(top)));
-            _mm256_storeu_ps(p + t, e);
-            sum = _mm256_add_ps(sum, e);
-        }
-        total = kv_hsum(sum);
-#endif
-        for (; t < hi - lo; t++) { p[t] = expf(p[t] - top); total += p[t]; }
-        float *out = partial + (long)g * (hd + 2);
-        out[0] = top;
-        out[1] = total;
-        weighted_values(m, ly->v, where, hi - lo, p, out + 2);
+    for (int t = lo, b = lo / bs, j = lo % bs; t < hi; t++) {  /* (t / bs, t % bs), without dividing per key */
+        where[t - lo] = cache_index(m, kh, table[b] * bs + j);
+        if (++j == bs) { j = 0; b++; }
     }
+    for (int g = 0; g < group; g += 3)  /* three query heads per pass over the keys */
+        attend_heads(m, ly, where, hi - lo, q + (long)g * hd, group - g < 3 ? group - g : 3, scores,
+                     partial + (long)g * (hd + 2));
 }
 
 /* softmax(all parts) . values for (token i, kv head kh): out[i, head g of the group]. */
