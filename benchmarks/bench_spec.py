@@ -1,14 +1,16 @@
 """Speculative decoding (prompt lookup) against plain decoding and the peers' prompt lookup, same weights.
 
     python benchmarks/bench_spec.py batch1 [--ks 2,3,4,5,6,7,8] [--peers hf,llamacpp] [--max-tokens 128]
-                                           [--draft-layers 6 --k 4]
+                                           [--draft-layers 6 --k 4] [--repeats 3]
     python benchmarks/bench_spec.py concurrent [--concurrency 8,32] [--k 4] [--repeats 3]
     python benchmarks/bench_spec.py chat [--k 4]
 
 batch1: one request at a time over the 21 input-grounded prompts (benchmarks/spec_workload.py), greedy,
 float32 weights and activations on every side. Every system is timed from the outside the same way: generating 1 token gives the prefill time,
 generating up to --max-tokens (stopping at EOS) minus that gives the decode time of the other tokens;
-decode tokens/s = all prompts' decode tokens / all prompts' decode time. Our prefix cache is off, and
+decode tokens/s = all prompts' decode tokens / all prompts' decode time. The systems take turns on each
+prompt (so the shared machine's slow spells fall on all of them); with --repeats, the median of the
+repeats and the median of the per-repeat ratios to our plain decode. Our prefix cache is off, and
 llama.cpp's context is reset before every call, so no system reuses a prompt's KV between the calls.
 Peers: HF transformers generate(prompt_lookup_num_tokens=k) and llama-cpp-python's
 Llama(draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k)) on the same GGUF requantized to F32.
@@ -119,18 +121,31 @@ class LlamaCpp:
         return {}
 
 
-def batch1(system, prompts: list[list[int]], max_tokens: int) -> dict:
-    """Decode tokens/s over every prompt, one request at a time (see the module docstring)."""
-    decode_time, decode_tokens, outputs = 0.0, 0, []
-    for ids in prompts:
-        ttft = timed(lambda: system.generate(ids, 1))
-        out = []
-        total = timed(lambda: out.extend(system.generate(ids, max_tokens)))
-        decode_time += max(total - ttft, 1e-9)
-        decode_tokens += len(out) - 1
-        outputs.append(out)
-    return {"system": system.name, "decode_tokens": decode_tokens, "decode_s": round(decode_time, 2),
-            "decode_tok_s": round(decode_tokens / decode_time, 2), **system.spec_stats(), "outputs": outputs}
+def batch1(systems: list, prompts: list[list[int]], max_tokens: int, repeats: int) -> list[dict]:
+    """Decode tokens/s of each system over every prompt, one request at a time (see the module
+    docstring). Interleaved: per repeat and prompt, every system in turn, so a slow minute of the
+    shared machine falls on all of them alike. Per system: the median over repeats, each repeat's
+    figure, and the median over repeats of its ratio to the first system (our plain decode)."""
+    runs = [[{"decode_s": 0.0, "decode_tokens": 0, "outputs": []} for _ in systems] for _ in range(repeats)]
+    for run in runs:
+        for ids in prompts:
+            for system, acc in zip(systems, run):
+                ttft = timed(lambda: system.generate(ids, 1))
+                out: list[int] = []
+                total = timed(lambda: out.extend(system.generate(ids, max_tokens)))
+                acc["decode_s"] += max(total - ttft, 1e-9)
+                acc["decode_tokens"] += len(out) - 1
+                acc["outputs"].append(out)
+    rows = []
+    for i, system in enumerate(systems):
+        rates = [run[i]["decode_tokens"] / run[i]["decode_s"] for run in runs]
+        stats = {k: v // repeats for k, v in system.spec_stats().items()}  # drafts repeat exactly
+        rows.append({"system": system.name, "decode_tokens": runs[0][i]["decode_tokens"],
+                     "decode_tok_s": round(statistics.median(rates), 2), "decode_tok_s_runs": [round(r, 2) for r in rates],
+                     "vs_ours": round(statistics.median(r / run[0]["decode_tokens"] * run[0]["decode_s"]
+                                                        for r, run in zip(rates, runs)), 3),
+                     **stats, "outputs": runs[0][i]["outputs"]})
+    return rows
 
 
 def concurrent(loaded, prompts, k: int | None, max_tokens: int, ngram_min: int, adaptive: bool = False) -> dict:
@@ -171,7 +186,8 @@ def main() -> None:
                     help="batch1: also --speculative draft (k = --k) with the target's first N layers as the draft")
     ap.add_argument("--no-batch1", action="store_true", help="chat: only the concurrent runs")
     ap.add_argument("--repeats", type=int, default=1,
-                    help="concurrent runs: the three arms alternate this many times; medians reported")
+                    help="every system, interleaved per prompt (batch1) or the three arms alternating "
+                         "(concurrent), this many times; medians reported")
     ap.add_argument("--json", metavar="FILE")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -191,28 +207,24 @@ def main() -> None:
     if args.what == "batch1" or (args.what == "chat" and not args.no_batch1):
         prompts = grounded if args.what == "batch1" else chat
         ks = [int(k) for k in args.ks.split(",")] if args.what == "batch1" else [args.k]
-        base = batch1(Ours(loaded, None, args.ngram_min), prompts, args.max_tokens)
-        report(base)
-        systems = [lambda k=k: Ours(loaded, k, args.ngram_min) for k in ks]
+        systems = [Ours(loaded, None, args.ngram_min)] + [Ours(loaded, k, args.ngram_min) for k in ks]
         if args.draft_layers:
             import tempfile
             draft = truncated_self_draft(loaded, args.draft_layers, Path(tempfile.mkdtemp()) / "draft")
-            systems.append(lambda: Ours(loaded, args.k, args.ngram_min, draft))
-        for system in systems:
-            row = batch1(system(), prompts, args.max_tokens)
-            row["identical_to_no_speculation"] = row["outputs"] == base["outputs"]
-            row["speedup_vs_ours"] = round(row["decode_tok_s"] / base["decode_tok_s"], 3)
-            report(row)
+            systems.append(Ours(loaded, args.k, args.ngram_min, draft))
         peers = [p for p in args.peers.split(",") if p] if args.what == "batch1" else []
         peer_ks = [None] + [int(k) for k in args.peer_ks.split(",")]
         if "hf" in peers:
-            for k in peer_ks:
-                report(batch1(HF(loaded, k, sorted(tok.eos_token_ids)), prompts, args.max_tokens))
+            systems += [HF(loaded, k, sorted(tok.eos_token_ids)) for k in peer_ks]
         if "llamacpp" in peers:
             from llamacpp_peer import convert
             path = convert(default_model_path(), "float32", Path(os.environ.get("KVCACHE_CACHE_DIR", "/tmp")) / "llamacpp")
-            for k in peer_ks:
-                report(batch1(LlamaCpp(path, k, args.threads), prompts, args.max_tokens))
+            systems += [LlamaCpp(path, k, args.threads) for k in peer_ks]
+        rows = batch1(systems, prompts, args.max_tokens, args.repeats)
+        for system, row in zip(systems, rows):
+            if isinstance(system, Ours):
+                row["identical_to_no_speculation"] = row["outputs"] == rows[0]["outputs"]
+            report(row)
     if args.what in ("concurrent", "chat"):
         prompts = grounded if args.what == "concurrent" else chat
         for n in [int(c) for c in args.concurrency.split(",")]:
