@@ -58,6 +58,31 @@ def test_greedy_speculation_is_token_identical_in_a_mixed_batch(smollm_engine_fa
     assert_clean(engine)
 
 
+def test_drafts_are_trimmed_to_keep_the_step_fused(smollm_engine_factory, baseline, monkeypatch):
+    """Five requests with up to 4 drafts each would make 25-token steps, past the fused C step's 16,
+    and fall back to PyTorch's per-operator path (slower than the drafts save); the engine trims the
+    drafts, the likeliest first, so every decode step stays fused, and the output is unchanged."""
+    from kvcache import kernels
+    from kvcache.models import fused_decode
+    if kernels.library() is None:
+        pytest.skip("no C kernels here: there is no fused step to keep")
+    sizes = []
+    applies = fused_decode.applies
+
+    def recording(model, h, metas):
+        if all(m.decode_rows for m in metas):
+            sizes.append(h.shape[0])
+        return applies(model, h, metas)
+
+    monkeypatch.setattr(fused_decode, "applies", recording)
+    engine = smollm_engine_factory(num_blocks=256, **SPEC)
+    assert engine._fused_step_tokens == fused_decode.MAX_TOKENS
+    assert run(engine, PROMPTS, GREEDY, arrive_every=1) == baseline
+    assert max(sizes) == fused_decode.MAX_TOKENS  # the budget was used up, never exceeded
+    assert engine.stats()["spec_accepted_tokens"] > 20
+    assert_clean(engine)
+
+
 @pytest.mark.parametrize("k", [1, 7])
 def test_greedy_speculation_with_chunked_prefill_and_small_budgets(smollm_engine_factory, baseline, k):
     """A budget of 6 tokens cuts drafts short and interleaves them with prefill chunks."""

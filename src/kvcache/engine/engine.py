@@ -188,6 +188,8 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool, block_size, tuple(g.spec.window for g in self.kv_groups))
         self.scheduler = Scheduler(self.scheduler_config, self.kv, self.max_model_len)
         self.runner = ModelRunner(self.model, self.storage)
+        fused_step_tokens = getattr(self.model, "fused_step_tokens", None)
+        self._fused_step_tokens = fused_step_tokens(self.storage.layers) if fused_step_tokens else 0
         self.offload = self._make_offload(offload_config, loaded)
         self.drafter = self._make_drafter(draft, draft_groups, blocks, enable_prefix_caching)
         self.spec = SpecCounters()
@@ -469,8 +471,27 @@ class LLMEngine:
             requests = [r for r, draft in zip(requests, pays) if draft]
         if self.drafter is None or not requests:
             return
+        budget = self._draft_budget()
+        if budget is not None:  # the likeliest to be accepted first, one request per draft token at most
+            if self.spec_gate is not None:
+                requests = sorted(requests, key=lambda r: -self.spec_gate.acceptance(r.request_id))
+            requests = requests[:budget]
         for request, drafts in zip(requests, self.drafter.propose_all(requests)):
+            if budget is not None:
+                drafts = drafts[:budget]
+                budget -= len(drafts)
             request.spec_token_ids = drafts
+
+    def _draft_budget(self) -> int | None:
+        """How many draft tokens the next step can carry and still run as one fused C step (None: no
+        such bound, because the model has no fused step here or the decodes alone already exceed it).
+        A step past the bound falls back to PyTorch's per-operator path, which costs more than the
+        drafts save: 8 concurrent chats with 4 drafts each ran at 0.68x no speculation until this
+        bound (BENCHMARKS.md, issue 10)."""
+        if not self._fused_step_tokens:
+            return None
+        decoding = len(self.scheduler.running)
+        return self._fused_step_tokens - decoding if decoding <= self._fused_step_tokens else None
 
     def _append_tokens(self, group: _Group, request: Request, logits: torch.Tensor, best: list[int],
                        now: float) -> bool:

@@ -76,6 +76,13 @@ class LlamaForCausalLM(nn.Module):
             h = h + layer.mlp(layer.post_attention_layernorm(h), meta[cache.group_id].decode_rows)
         return self.norm(h)
 
+    def fused_step_tokens(self, kv: Sequence[LayerCache]) -> int:
+        """How many tokens a decode or verification step over these caches may carry and still run as
+        one fused C step (0 where the fused step never runs: other layers, dtypes, devices or caches)."""
+        # (the fused decode exists only for float32 models on the CPU: FusedDecode.supports)
+        fits = self.attention_fn is paged_attention and self._fused_decode(kv) is not None
+        return fused_decode.MAX_TOKENS if fits else 0
+
     def _fused_decode(self, kv: Sequence[LayerCache]) -> fused_decode.FusedDecode | None:
         """The fused decode over these caches (built on first use; None where it cannot run)."""
         key = id(kv)
