@@ -352,12 +352,8 @@ static void silu_mul_share(const float *gu, int n, int I, int sums, float *act, 
         for (; k < stop; k++) out[k] = gate[k] / (1.0f + expf(-gate[k])) * up[k];
         e = i * I + stop;
     }
-    if (sums)
-        for (int b = begin / QBLOCK; b < (end + QBLOCK - 1) / QBLOCK; b++) {
-            float total = 0.0f;
-            for (int k = 0; k < QBLOCK; k++) total += act[(long)b * QBLOCK + k];
-            xsum[b] = total;
-        }
+    if (sums && begin < end)  /* this share's blocks, as one row of (end - begin) values */
+        kv_block_sums(act + begin, 1, end - begin, xsum + begin / QBLOCK);
 }
 
 /* --- the step ---------------------------------------------------------------------------------- */
