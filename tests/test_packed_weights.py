@@ -280,6 +280,33 @@ def test_size_plans_the_weight_bytes_the_engine_holds(weights_dtype, smollm_engi
 
 
 @needs_kernels
+@needs_kernels
+@pytest.mark.parametrize("fmt", WEIGHT_FORMATS)
+def test_one_row_reads_rows_side_by_side_and_the_split_does_not_change_a_bit(fmt):
+    """A decode row reads a quarter of each thread's weight rows side by side (matmul.c, STREAMS).
+    Row counts that leave every remainder (one to three rows read alone), rows of nine quantized
+    blocks (a group of eight and a tail) or a float row with a vector tail, equal the float64
+    product; and one thread, two or three (other splits, other row groupings) give the same bits."""
+    lib = kernels.library()
+    gen = torch.Generator().manual_seed(7)
+    cols = 291 if fmt in ("float32", "bfloat16") else 288
+    for rows in (1, 5, 67, 1031):
+        packed = quantize(torch.randn(rows, cols, generator=gen), fmt)
+        x = torch.randn(1, cols, generator=gen)
+        exact = x.double() @ dequantize(packed).double().T
+        results = []
+        for threads in (1, 2, 3):
+            y = torch.empty(1, rows)
+            status = lib.kv_matmul(kernels.FORMAT_CODES[fmt], 1, rows, cols, x.data_ptr(), packed.data.data_ptr(),
+                                   packed.scale.data_ptr() if packed.scale is not None else None,
+                                   packed.minimum.data_ptr() if packed.minimum is not None else None, None,
+                                   y.data_ptr(), threads)
+            assert status == 0
+            torch.testing.assert_close(y.double(), exact, atol=1e-4, rtol=1e-5)
+            results.append(y)
+        assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
 def test_portable_build_computes_the_same(monkeypatch):
     """The C paths a CPU without AVX2 takes (built without -march=native) give the same numbers."""
     import ctypes
@@ -289,9 +316,9 @@ def test_portable_build_computes_the_same(monkeypatch):
     gen = torch.Generator().manual_seed(5)
     for fmt in WEIGHT_FORMATS:
         packed = quantize(torch.randn(70, 96, generator=gen), fmt)
-        x = torch.randn(3, 96, generator=gen)
-        torch.testing.assert_close(matmul(x, packed).double(), x.double() @ dequantize(packed).double().T,
-                                   atol=1e-4, rtol=1e-5)
+        for x in (torch.randn(3, 96, generator=gen), torch.randn(1, 96, generator=gen)):
+            torch.testing.assert_close(matmul(x, packed).double(), x.double() @ dequantize(packed).double().T,
+                                       atol=1e-4, rtol=1e-5)
     loaded = _tiny(9)
     fused = _decode_logits(loaded, "int4", True)
     plain = _decode_logits(loaded, "int4", False, "auto", monkeypatch)  # (undoes the patches when done)
