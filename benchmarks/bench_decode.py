@@ -118,8 +118,8 @@ def main() -> None:
         llm = LLM(dtype="float32", loaded=loaded, num_blocks=160, enable_prefix_caching=False)
         print(json.dumps(per_token_plot(llm, args.plot or "docs/decode_per_token.png", args.plot_positions)))
         return
-    bandwidth = memory_read_bandwidth()
-    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s, torch threads: {torch.get_num_threads()}")
+    bandwidth, how = memory_read_bandwidth()
+    print(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s ({how}), torch threads: {torch.get_num_threads()}")
     results = []
     for dtype in args.dtypes.split(","):
         llm = LLM(dtype=dtype, loaded=loaded, num_blocks=160, enable_prefix_caching=False)

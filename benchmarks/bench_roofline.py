@@ -16,8 +16,10 @@ Both engines are timed the same way, alternating, in this one process: one N-tok
 its time to the first token giving prefill tokens/s and the time from the first to the last token
 the decode rate of N - 1 tokens. Prefix caching off,
 greedy, EOS ignored. The roofline fraction is (weight bytes held + KV bytes read at the mean
-context) x decode tokens/s / the read bandwidth measured in this run (a 1 GiB float32 sum, best of
-7, the same threads). The CPU model and flags are printed first.
+context) x decode tokens/s / the read bandwidth measured just before and just after the row, with the
+same threads: the best of a 1 GiB torch sum and sums of 2, 4 and 8 streams per thread side by side
+(common.memory_read_bandwidth; the machines here are shared and their bandwidth drifts by 20% over
+minutes, so each row has its own, and the best of both probes makes the fraction conservative). The CPU model and flags are printed first.
 """
 
 from __future__ import annotations
@@ -82,8 +84,9 @@ def time_pair(engine, ids: list[int], new: int) -> tuple[float, float]:
     return len(ids) / ttft, (new - 1) / decode
 
 
-def run_row(row: str, context: int, new: int, repeats: int, bandwidth: float, tokenizer, kv: str) -> dict:
+def run_row(row: str, context: int, new: int, repeats: int, tokenizer, kv: str) -> dict:
     ours_dtype, peer_fmt = ROWS[row]
+    before = memory_read_bandwidth(repeats=5)
     ours, peer = Ours(ours_dtype, kv), LlamaCpp(peer_fmt, context)
     ids = prompt_ids(tokenizer, context)
     for engine in (ours, peer):  # warm-up: kernels built, caches touched
@@ -92,9 +95,10 @@ def run_row(row: str, context: int, new: int, repeats: int, bandwidth: float, to
     for _ in range(repeats):
         runs["ours"].append(time_pair(ours, ids, new))
         runs["llama.cpp"].append(time_pair(peer, ids, new))
+    bandwidth, how = max(before, memory_read_bandwidth(repeats=5))
     kv_read = ours.kv_per_token * (context + new / 2)  # the KV a decode step reads, at the mean context
     result = {"row": row, "context": context, "new_tokens": new, "ours_weight_bytes": ours.weight_bytes,
-              "llamacpp_weight_bytes": peer.weight_bytes}
+              "llamacpp_weight_bytes": peer.weight_bytes, "bandwidth": bandwidth, "bandwidth_how": how}
     for name, key in (("ours", "ours"), ("llama.cpp", "llamacpp")):
         result[f"{key}_prefill_tok_s"] = median([r[0] for r in runs[name]])
         result[f"{key}_decode_tok_s"] = median([r[1] for r in runs[name]])
@@ -121,24 +125,23 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     print(f"# {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
-    bandwidth = memory_read_bandwidth()
-    print(f"# read bandwidth {bandwidth / 1e9:.1f} GB/s (1 GiB float32 sum, best of 7); our KV cache {args.kv}, "
-          "llama.cpp's F16")
+    print(f"# our KV cache {args.kv}, llama.cpp's F16; read GB/s: the best of the row's bandwidth probes "
+          "(common.memory_read_bandwidth), the roofline's denominator")
     tokenizer = LLM(num_blocks=4).tokenizer
     print("| weights | context | ours decode tok/s | llama.cpp decode tok/s | ratio | ours roofline | llama.cpp "
-          "roofline | ours prefill tok/s | llama.cpp prefill tok/s | ratio | ours / llama.cpp weight MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "roofline | read GB/s | ours prefill tok/s | llama.cpp prefill tok/s | ratio | ours / llama.cpp weight MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for context in map(int, args.contexts.split(",")):
         for row in args.rows.split(","):
-            r = run_row(row, context, args.new, args.repeats, bandwidth, tokenizer, args.kv)
+            r = run_row(row, context, args.new, args.repeats, tokenizer, args.kv)
             results.append(r)
             print(f"| {row} | {context:,} | {r['ours_decode_tok_s']:.1f} | {r['llamacpp_decode_tok_s']:.1f} | "
                   f"**{r['decode_ratio']:.2f}x** | {100 * r['ours_roofline']:.0f}% | {100 * r['llamacpp_roofline']:.0f}% | "
-                  f"{r['ours_prefill_tok_s']:.0f} | {r['llamacpp_prefill_tok_s']:.0f} | {r['prefill_ratio']:.2f}x | "
+                  f"{r['bandwidth'] / 1e9:.1f} | {r['ours_prefill_tok_s']:.0f} | {r['llamacpp_prefill_tok_s']:.0f} | {r['prefill_ratio']:.2f}x | "
                   f"{r['ours_weight_bytes'] / 1e6:.1f} / {r['llamacpp_weight_bytes'] / 1e6:.1f} |", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_description(), "bandwidth": bandwidth, "rows": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"cpu": cpu_description(), "rows": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -49,11 +49,44 @@ def best_of(fn: Callable[[], object], repeats: int = 5) -> float:
     return min(times)
 
 
-def memory_read_bandwidth(num_bytes: int = 1 << 30) -> float:
-    """Bytes per second that torch reads from memory here (a sum over a buffer larger than the caches)."""
+def _read_probe():
+    """read_probe.c built for this machine (in the kernels' cache directory), or None without a compiler."""
+    import ctypes
+    import hashlib
+    import subprocess
+    from pathlib import Path
+
+    from kvcache import kernels
+    source = Path(__file__).with_name("read_probe.c")
+    compiler = kernels._compiler()
+    if compiler is None or kernels.library() is None:  # (the kernels also need AVX2 and OpenMP here)
+        return None
+    target = kernels._cache_root() / f"read-probe-{hashlib.sha256(source.read_bytes()).hexdigest()[:12]}.so"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([compiler, "-O2", "-march=native", "-fopenmp", "-fPIC", "-shared", str(source), "-o", str(target)],
+                       check=True, capture_output=True)
+    lib = ctypes.CDLL(str(target))
+    lib.kv_read_probe.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_int]
+    lib.kv_read_probe.restype = ctypes.c_float
+    return lib
+
+
+def memory_read_bandwidth(num_bytes: int = 1 << 30, repeats: int = 7) -> tuple[float, str]:
+    """Bytes per second this machine reads from memory, and how: the best of a torch sum over a buffer
+    larger than the caches (one stream per thread) and read_probe.c's sums of 2, 4 and 8 streams per
+    thread side by side (a core keeps more reads in flight with several; our matmul reads so)."""
     x = torch.ones(num_bytes // 4, dtype=torch.float32)
     x.sum()
-    return num_bytes / best_of(lambda: x.sum(), 7)
+    rates = {"torch sum": num_bytes / best_of(lambda: x.sum(), repeats)}
+    probe = _read_probe()
+    if probe is not None:
+        threads = torch.get_num_threads()
+        for streams in (2, 4, 8):
+            seconds = best_of(lambda: probe.kv_read_probe(x.data_ptr(), x.numel(), streams, threads), repeats)
+            rates[f"{streams} streams per thread"] = num_bytes / seconds
+    how = max(rates, key=rates.get)
+    return rates[how], f"1 GiB read, best of {repeats}: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items())
 
 
 def median(values):

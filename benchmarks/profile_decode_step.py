@@ -44,8 +44,8 @@ def main() -> None:
     args = parser.parse_args()
 
     print(f"# {cpu_description()}")
-    bandwidth = memory_read_bandwidth()
-    print(f"# read bandwidth {bandwidth / 1e9:.1f} GB/s (1 GiB float32 sum, best of 7)")
+    bandwidth, how = memory_read_bandwidth()
+    print(f"# read bandwidth {bandwidth / 1e9:.1f} GB/s ({how})")
     llm = LLM(weights_dtype=args.weights_dtype, dtype="float32", enable_prefix_caching=False,
               kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory="512MB")
     engine = llm.engine
