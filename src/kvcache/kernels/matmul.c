@@ -55,8 +55,6 @@ static inline void store(const job_t *j, int m, int n, float v) {
     j->y[(long)m * j->N + n] = v + (j->bias ? j->bias[n] : 0.0f);
 }
 
-
-
 static inline void prefetch(const void *p) {
 #if defined(__GNUC__)
     __builtin_prefetch(p, 0, 3);
