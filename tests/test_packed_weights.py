@@ -185,9 +185,30 @@ def test_fused_decode_is_taken_for_decodes(monkeypatch):
         pytest.skip("no C compiler here")
     calls = []
     run = fused_decode.FusedDecode.run
-    monkeypatch.setattr(fused_decode.FusedDecode, "run", lambda self, *a: calls.append(a[0].shape[0]) or run(self, *a))
+    monkeypatch.setattr(fused_decode.FusedDecode, "run",
+                        lambda self, *a, **k: calls.append(a[0].shape[0]) or run(self, *a, **k))
     _decode_logits(_tiny(), "int4")
     assert calls and max(calls) == 3  # the three prompts' decodes, together
+
+
+@needs_kernels
+@pytest.mark.parametrize("weights_dtype", ["float32", "bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_step_computes_the_head_in_the_same_call(weights_dtype, tied, monkeypatch):
+    """Decode steps take their logits from the fused call (the final norm and the output head, tied to
+    the embedding or not, after the layers), and they equal the PyTorch forward's."""
+    asked = []
+    run = fused_decode.FusedDecode.run
+    monkeypatch.setattr(fused_decode.FusedDecode, "run",
+                        lambda self, *a, **k: asked.append(k.get("logits", False)) or run(self, *a, **k))
+    loaded = _tiny(tied=tied)
+    fused = _decode_logits(loaded, weights_dtype, True)
+    monkeypatch.undo()
+    assert asked and all(asked)
+    plain = _decode_logits(loaded, weights_dtype, False, "auto", monkeypatch)
+    for (tokens_a, logits_a), (tokens_b, logits_b) in zip(fused, plain):
+        assert tokens_a == tokens_b
+        torch.testing.assert_close(logits_a, logits_b, atol=2e-4, rtol=1e-4)
 
 
 @needs_kernels

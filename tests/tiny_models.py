@@ -23,16 +23,19 @@ def byte_tokenizer() -> Tokenizer:
 
 def tiny_llama(hidden: int = 96, heads: int = 6, kv_heads: int = 2, head_dim: int = 16, layers: int = 3,
                intermediate: int = 160, window: int | None = None, seed: int = 7, std: float = 0.15,
-               **extra) -> LoadedModel:
+               tied: bool = True, **extra) -> LoadedModel:
     """A random llama (mistral with a sliding ``window``) over the byte tokenizer's 256 tokens, its
-    weights named as on the Hub: norms near 1, matrices gaussian with deviation ``std``."""
+    weights named as on the Hub: norms near 1, matrices gaussian with deviation ``std``; the output
+    head is the embedding (``tied``) or a matrix of its own."""
     config = ModelConfig.from_hf_config(dict(
         model_type="mistral" if window else "llama", vocab_size=256, hidden_size=hidden,
         intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=kv_heads, head_dim=head_dim, max_position_embeddings=512, rms_norm_eps=1e-5,
-        rope_theta=10000.0, tie_word_embeddings=True, sliding_window=window, **extra))
+        rope_theta=10000.0, tie_word_embeddings=tied, sliding_window=window, **extra))
     q, kv = heads * head_dim, kv_heads * head_dim
     shapes = {"model.embed_tokens.weight": (256, hidden), "model.norm.weight": (hidden,)}
+    if not tied:
+        shapes["lm_head.weight"] = (256, hidden)
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes |= {p + "self_attn.q_proj.weight": (q, hidden), p + "self_attn.k_proj.weight": (kv, hidden),

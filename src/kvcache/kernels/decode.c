@@ -39,6 +39,8 @@ typedef struct {
     int kv_bf16, num_blocks, block_size;  /* the cache's element type (float32 or bfloat16) and shape */
     float eps, scale;
     const kv_layer *layers;
+    const float *final_norm;  /* [hidden] */
+    kv_weight head;           /* [vocab, hidden]: the output head, for a step that asks for logits */
 } kv_model;
 
 typedef struct {            /* one cache group's share of the step's plan, for its n tokens */
@@ -361,15 +363,18 @@ static void silu_mul_share(const float *gu, int n, int I, int sums, float *act, 
 /* h [n, hidden] float32: the embeddings of the step's n tokens (one per decoding sequence, or a
  * sequence's drafts and a short prompt's tokens, each seeing the keys its plan says); the last
  * layer's output on return. cos, sin [n, head_dim].
- * plans[g] is cache group g's share of the plan. Returns 0, -1 for an unknown weight format, -2 if
- * out of memory. */
+ * plans[g] is cache group g's share of the plan. logits [n, vocab], or NULL: the final norm and the
+ * output head of the last layer's output, in the same call (the head's weights stream right after
+ * the layers', without a return to Python between them, whose first operators would run with cold
+ * caches). Returns 0, -1 for an unknown weight format, -2 if out of memory. */
 int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const float *sin,
-                    const kv_group_plan *plans, int nthreads) {
+                    const kv_group_plan *plans, float *logits, int nthreads) {
     for (int l = 0; l < m->num_layers; l++) {
         const kv_layer *ly = &m->layers[l];
         if (!kv_range_fn(ly->qkv.fmt) || !kv_range_fn(ly->o.fmt) || !kv_range_fn(ly->gate_up.fmt) || !kv_range_fn(ly->down.fmt))
             return -1;
     }
+    if (logits && (!m->head.data || !m->final_norm || !kv_range_fn(m->head.fmt))) return -1;
     int H = m->hidden, hd = m->head_dim, I = m->intermediate, group = m->heads / m->kv_heads;
     int width = (m->heads + 2 * m->kv_heads) * hd, longest = 1, widest = H > I ? H : I;
     for (int l = 0; l < m->num_layers; l++)
@@ -451,7 +456,14 @@ int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const 
             meet(&bar, &sense, nt);
             if (tid == 0)
                 for (long k = 0; k < (long)n * H; k++) h[k] += tmp[k];
-           
+        }
+        if (logits) {
+            if (tid == 0) {
+                rmsnorm(h, m->final_norm, x, n, H, m->eps);
+                if (m->head.fmt == FMT_Q4_1) kv_block_sums(x, n, H, xsum);
+            }
+            meet(&bar, &sense, nt);
+            matmul_share(&m->head, n, x, xsum, logits, tid, nt);
         }
     }
     free(buf);

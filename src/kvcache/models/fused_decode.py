@@ -25,15 +25,28 @@ import torch
 from kvcache import kernels
 from kvcache.cache.storage import LayerCache
 from kvcache.models.attention import AttentionMetadata, paged_attention
-from kvcache.models.packed import PackedLinear
+from kvcache.models.layers import head_weight
+from kvcache.models.packed import KERNEL_MAX_ROWS, PackedLinear, PackedWeight
 
 MAX_TOKENS = 16
 
 
-def _weight(linear: PackedLinear) -> kernels.Weight:
+def _weight(linear: PackedLinear | PackedWeight) -> kernels.Weight:
     ptr = (lambda t: None if t is None else t.data_ptr())
-    return kernels.Weight(kernels.FORMAT_CODES[linear.fmt], linear.out_features, linear.in_features,
-                          linear.data.data_ptr(), ptr(linear.scale), ptr(linear.minimum), ptr(linear.bias))
+    rows, cols = linear.shape if isinstance(linear, PackedWeight) else (linear.out_features, linear.in_features)
+    return kernels.Weight(kernels.FORMAT_CODES[linear.fmt], rows, cols, linear.data.data_ptr(), ptr(linear.scale),
+                          ptr(linear.minimum), ptr(getattr(linear, "bias", None)))
+
+
+def _kernel_head(weight: torch.Tensor | PackedWeight) -> PackedWeight | None:
+    """The output head as the kernel reads it, or None where it cannot (a float16 tensor, another
+    device, a view with gaps)."""
+    if isinstance(weight, torch.Tensor):
+        if weight.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        weight = PackedWeight(str(weight.dtype).removeprefix("torch."), weight)
+    ok = weight.data.device.type == "cpu" and weight.data.is_contiguous() and weight.fmt in kernels.FORMAT_CODES
+    return weight if ok else None
 
 
 class FusedDecode:
@@ -53,10 +66,16 @@ class FusedDecode:
                                       config.window_of(i) or 0)
         keys = planes[0][0]  # [kv_heads, num_blocks, block_size, head_dim]
         self.layers = layers
+        self.head = _kernel_head(head_weight(model.embed_tokens if model.lm_head is None else model.lm_head))
+        # the head runs in the step for as many rows as the head's own matmul takes through the kernel
+        # (more go to PyTorch's GEMM there), so a row's logits do not depend on which path computed them
+        self.head_rows = KERNEL_MAX_ROWS[self.head.fmt] if self.head is not None else 0
+        self.final_norm = model.norm.weight
         self.model = kernels.Model(config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads,
                                    config.head_dim, config.intermediate_size, int(keys.dtype == torch.bfloat16),
                                    keys.shape[1], keys.shape[2], config.rms_norm_eps, model.layers[0].self_attn.scale,
-                                   layers)
+                                   layers, self.final_norm.data_ptr(),
+                                   _weight(self.head) if self.head is not None else kernels.Weight())
 
     @staticmethod
     def supports(model, caches: Sequence[LayerCache]) -> bool:
@@ -71,10 +90,15 @@ class FusedDecode:
                 and len({(p[0].dtype, p[0].shape) for p in planes}) == 1
                 and model.norm.weight.dtype == torch.float32 and model.norm.weight.device.type == "cpu")
 
+    def computes_logits(self, n: int) -> bool:
+        """Whether :meth:`run` can also compute the final norm and the head for a step of n tokens."""
+        return n <= self.head_rows
+
     def run(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-            metas: Sequence[AttentionMetadata]) -> torch.Tensor:
+            metas: Sequence[AttentionMetadata], logits: bool = False) -> torch.Tensor:
         """h [n, hidden] float32 embeddings of the step's tokens -> the last layer's output [n, hidden]
-        (in place)."""
+        (in place), or with ``logits`` (where :meth:`computes_logits`) the float32 logits [n, vocab]
+        of its final norm, from the same call."""
         n = h.shape[0]
         cos, sin = (t.reshape(n, -1).contiguous() for t in cos_sin)  # [n, head_dim]
         query_lens = metas[0].query_lens
@@ -91,11 +115,13 @@ class FusedDecode:
             plans[g] = kernels.GroupPlan(meta.slot_mapping.data_ptr(), tables.data_ptr(), token_seq.data_ptr(),
                                          keys.data_ptr(), tables.shape[1])
         h = h.contiguous()
+        out = torch.empty(n, self.head.shape[0], dtype=torch.float32) if logits else None  # [n, vocab]
         status = kernels.library().kv_llama_decode(ctypes.byref(self.model), n, h.data_ptr(), cos.data_ptr(),
-                                                   sin.data_ptr(), plans, torch.get_num_threads())
+                                                   sin.data_ptr(), plans, None if out is None else out.data_ptr(),
+                                                   torch.get_num_threads())
         if status != 0:
             raise RuntimeError(f"the fused decode kernel failed (status {status})")
-        return h
+        return h if out is None else out
 
 
 def applies(model, h: torch.Tensor, metas: Sequence[AttentionMetadata]) -> bool:

@@ -76,6 +76,19 @@ class LlamaForCausalLM(nn.Module):
             h = h + layer.mlp(layer.post_attention_layernorm(h), meta[cache.group_id].decode_rows)
         return self.norm(h)
 
+    @torch.inference_mode()
+    def forward_logits(self, tokens: torch.Tensor, positions: torch.Tensor, meta: Sequence[AttentionMetadata],
+                       kv: Sequence[LayerCache], rows: torch.Tensor) -> torch.Tensor:
+        """``compute_logits(forward(tokens, positions, meta, kv)[rows])``: float32 [len(rows), vocab]. Where
+        the fused decode runs and takes the head too, the final norm and the head are computed in the
+        same C call as the layers."""
+        fused = self._fused_decode(kv) if 0 < tokens.shape[0] <= fused_decode.MAX_TOKENS else None
+        if fused is not None and fused.computes_logits(tokens.shape[0]):
+            h = self.embed_tokens(tokens)
+            if fused_decode.applies(self, h, meta):
+                return fused.run(h, self.rope.tables_for(positions, h.dtype), meta, logits=True)[rows]
+        return self.compute_logits(self(tokens, positions, meta, kv)[rows])
+
     def fused_step_tokens(self, kv: Sequence[LayerCache]) -> int:
         """How many tokens a decode or verification step over these caches may carry and still run as
         one fused C step (0 where the fused step never runs: other layers, dtypes, devices or caches)."""

@@ -63,11 +63,19 @@ class ModelRunner:
             return ModelOutput([], torch.empty(0, self.model.config.vocab_size), [])
         seqs = decodes_longest_first(plan.sequences)
         tokens, positions, meta = self.prepare(seqs)
-        hidden = self.model(tokens, positions, meta, self.storage.layers)
         rows = torch.tensor(logit_rows(seqs), dtype=torch.long, device=self.device)
         sampled = [s for s in seqs if s.sample]
-        return ModelOutput([s.request_id for s in sampled], self.model.compute_logits(hidden[rows]),
+        return ModelOutput([s.request_id for s in sampled], self._logits(tokens, positions, meta, rows),
                            [s.num_logit_rows for s in sampled], collected_scores(seqs, meta))
+
+    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, meta: list[AttentionMetadata],
+                rows: torch.Tensor) -> torch.Tensor:
+        """The model's float32 logits [len(rows), vocab] at the step's rows ``rows`` (in one call where
+        the model has ``forward_logits``)."""
+        forward_logits = getattr(self.model, "forward_logits", None)
+        if forward_logits is not None:
+            return forward_logits(tokens, positions, meta, self.storage.layers, rows)
+        return self.model.compute_logits(self.model(tokens, positions, meta, self.storage.layers)[rows])
 
     def drop_host_blocks(self, request_id: str) -> None:
         self.host_blocks.pop(request_id, None)
