@@ -86,7 +86,9 @@ class LlamaForCausalLM(nn.Module):
         if fused is not None and fused.computes_logits(tokens.shape[0]):
             h = self.embed_tokens(tokens)
             if fused_decode.applies(self, h, meta):
-                return fused.run(h, self.rope.tables_for(positions, h.dtype), meta, logits=True)[rows]
+                logits = fused.run(h, self.rope.tables_for(positions, h.dtype), meta, logits=True)  # [n, vocab]
+                # rows are increasing (logit_rows), so as many as the tokens are all of them: no copy
+                return logits if rows.shape[0] == logits.shape[0] else logits[rows]
         return self.compute_logits(self(tokens, positions, meta, kv)[rows])
 
     def fused_step_tokens(self, kv: Sequence[LayerCache]) -> int:
