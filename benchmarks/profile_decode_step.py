@@ -1,12 +1,14 @@
-"""Where a batch-1 decode step goes: the whole ``engine.step()``, the fused C layers, the output head.
+"""Where a batch-1 decode step goes: the whole ``engine.step()``, the fused C step, the rest.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/profile_decode_step.py [--context 128] [--new 64]
         [--repeats 3] [--weights-dtype float32] [--kv-cache-dtype bfloat16]
 
 One greedy request of --new tokens after a --context-token prompt, --repeats times in one engine.
 Per repeat, the median over its decode steps of: the step, the fused C step (``FusedDecode.run``:
-every layer), the output head (``vocab_logits``) and the rest (embedding, RoPE tables, the plan,
-sampling, Python). Each part's read rate is its weight bytes over its time; the roofline fraction
+every layer, and the final norm and output head where it computes them), the output head when
+PyTorch's side computes it (``vocab_logits``; "-" when it never runs) and the rest (embedding, RoPE
+tables, the plan, sampling, Python). The fused step's read rate is the weight bytes it reads over
+its time; the roofline fraction
 is (weight bytes + KV bytes read at the mean context) / step time / the read bandwidth measured in
 this run. The CPU model and flags are printed first.
 """
@@ -62,23 +64,25 @@ def main() -> None:
     ids = prompt_ids(llm.tokenizer, args.context)
     print(f"# {args.weights_dtype} weights: {layer_bytes / 1e6:.1f} MB in the layers (a tied embedding counted once, as the head), "
           f"{head_bytes / 1e6:.1f} MB in the head; KV {args.kv_cache_dtype}, {kv_bytes / 1e6:.1f} MB read a step")
-    print("| repeat | step ms | fused layers ms | head ms | rest ms | layers GB/s | head GB/s | roofline |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| repeat | step ms | fused C step ms | head in PyTorch ms | rest ms | fused step GB/s | roofline |")
+    print("|---|---|---|---|---|---|---|")
     for repeat in range(args.repeats):
         engine.add_request(f"r{repeat}", ids, SamplingParams(max_tokens=args.new, temperature=0.0, ignore_eos=True))
-        steps = []
-        fused_times.clear()
-        head_times.clear()
+        engine.step()  # the prefill
+        steps, fused, heads = [], [], []
         while engine.has_unfinished_requests():
+            fused_times.clear()
+            head_times.clear()
             start = time.perf_counter()
             engine.step()
             steps.append(time.perf_counter() - start)
-        step, head = statistics.median(steps[1:]), statistics.median(head_times[1:])
-        fused = statistics.median(fused_times[1:]) if fused_times else float("nan")
+            fused.append(sum(fused_times))
+            heads.append(sum(head_times))
+        step, fused_step, head = (statistics.median(t[1:]) for t in (steps, fused, heads))
+        fused_bytes = layer_bytes + (0 if head_times else head_bytes)  # the last step tells where the head ran
         roofline = (engine.weight_bytes + kv_bytes) / step / bandwidth
-        print(f"| {repeat + 1} | {step * 1e3:.2f} | {fused * 1e3:.2f} | {head * 1e3:.2f} | "
-              f"{(step - fused - head) * 1e3:.2f} | {layer_bytes / fused / 1e9:.1f} | {head_bytes / head / 1e9:.1f} | "
-              f"{roofline:.0%} |")
+        print(f"| {repeat + 1} | {step * 1e3:.2f} | {fused_step * 1e3:.2f} | {head * 1e3:.2f} | "
+              f"{(step - fused_step - head) * 1e3:.2f} | {fused_bytes / fused_step / 1e9:.1f} | {roofline:.0%} |")
 
 
 if __name__ == "__main__":

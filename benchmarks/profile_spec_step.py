@@ -5,7 +5,7 @@
 Runs the input-grounded prompts of bench_spec.py one at a time with prompt lookup (float32 weights,
 greedy) and times every ``engine.step()`` after a request's first, grouped by how many tokens the
 step drafted (0: a plain decode step), and every fused C step (``FusedDecode.run``) by its number
-of tokens. Medians; the ratio is each group's median over the plain step's.
+of tokens (with the final norm and the output head where it computes them). Medians; the ratio is each group's median over the plain step's.
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ def main() -> None:
     fused_sizes: list[tuple[int, float]] = []
     run = fused_decode.FusedDecode.run
 
-    def timed_run(self, h, cos_sin, metas):
+    def timed_run(self, h, cos_sin, metas, **kwargs):
         start = time.perf_counter()
-        out = run(self, h, cos_sin, metas)
+        out = run(self, h, cos_sin, metas, **kwargs)
         fused_sizes.append((h.shape[0], time.perf_counter() - start))
         return out
 

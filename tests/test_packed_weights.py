@@ -81,11 +81,10 @@ def test_kernel_equals_pytorch(fmt, rows, monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("fmt", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", range(1, 17))
-def test_float_kernel_takes_any_width_and_row_count(fmt, rows, monkeypatch):
+def test_float_kernel_takes_any_width_and_row_count(fmt, rows):
     """Float weights need no blocks: a row length that is no multiple of 8 (the vector tail) and an
     odd number of output rows (the last register block's spare row) against the float64 product,
     for as many rows as a fused step carries (more than six take several passes)."""
-    monkeypatch.setitem(packed_module.KERNEL_MAX_ROWS, fmt, 16)
     assert packed_module.uses_kernel(torch.zeros(rows, 99), fmt)
     gen = torch.Generator().manual_seed(100 + rows)
     w, x = torch.randn(75, 99, generator=gen), torch.randn(rows, 99, generator=gen)

@@ -144,7 +144,7 @@ def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor | PackedWeight) -> t
     :func:`kvcache.models.packed.matmul` (our kernel). Otherwise, for 2..32 float32 rows on a CPU,
     the product is taken as weight @ hidden^T: MKL's sgemm with a vocabulary-sized weight and a
     handful of rows runs 2-4x slower the usual way round (measured on SmolLM2's 49,152 x 576 head,
-    5 rows: 17.3 ms against 5.5 ms).
+    5 rows: 17.3 ms against 5.5 ms; our kernel, which takes up to 16 rows, 3x faster again).
     """
     rows = hidden.shape[0]
     if isinstance(weight, PackedWeight):
