@@ -107,11 +107,10 @@ def main() -> None:
     engines = {"kvcache": (LLMEngine(loaded=loaded, kv_cache_memory="1GiB", device="cpu"), time_ours),
                "hf": (HFPrefilled(hf_gemma3(loaded)), time_hf)}
     if not args.no_llamacpp:
-        from llamacpp_peer import LlamaCppBatched, convert
+        from llamacpp_peer import convert, start
         for dtype in ("native", "float32"):
             path = convert(Path(loaded.source), dtype, cache_dir() / "llamacpp")
-            peer = LlamaCppBatched(path, n_ctx=max(contexts) + args.new + 8, n_seq=1,
-                                   threads=args.threads)
+            peer, _ = start(path, n_ctx=max(contexts) + args.new + 8, n_seq=1, threads=args.threads)
             engines[f"llama.cpp {'Q4_K_M' if dtype == 'native' else 'F32'}"] = (peer, time_llamacpp)
 
     results = []

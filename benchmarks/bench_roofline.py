@@ -12,7 +12,9 @@ Q8_0 embedding):
 Our activations are float32 in every row (weight-only quantization); llama.cpp rounds them to
 8 bits for its quantized rows.
 
-Both engines are timed the same way, alternating, in this one process: one N-token generation each,
+Both engines are timed the same way, alternating, ours in this process and llama.cpp in its own
+(llamacpp_peer.start: OpenMP as llama.cpp's users have it, its weights repacked for this CPU where
+that runs; the repack column says): one N-token generation each,
 its time to the first token giving prefill tokens/s and the time from the first to the last token
 the decode rate of N - 1 tokens. Prefix caching off,
 greedy, EOS ignored. The roofline fraction is (weight bytes held + KV bytes read at the mean
@@ -25,7 +27,6 @@ minutes, so each row has its own, and the best of both probes makes the fraction
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import sys
@@ -58,13 +59,15 @@ class Ours:
 
 
 class LlamaCpp:
+    """llama.cpp in a process of its own (llamacpp_peer.start: its own OpenMP settings, and its weight
+    repacking where it runs here)."""
+
     def __init__(self, fmt: str, context: int) -> None:
         import llamacpp_peer as peer
-        import llama_cpp
         peer.FTYPES.update({"q8_0": 7})  # LLAMA_FTYPE_MOSTLY_Q8_0
-        self.peer = peer.LlamaCppBatched(peer.convert(default_model_path(), fmt, cache_dir() / "llamacpp"),
-                                         n_ctx=context + 512, n_seq=1, threads=torch.get_num_threads())
-        self.weight_bytes = int(llama_cpp.llama_model_size(self.peer.model))
+        self.peer, self.repack = peer.start(peer.convert(default_model_path(), fmt, cache_dir() / "llamacpp"),
+                                            n_ctx=context + 512, n_seq=1, threads=torch.get_num_threads())
+        self.weight_bytes = self.peer.model_bytes()
 
     def generate(self, ids: list[int], n: int) -> tuple[float, float]:
         tokens, ttft, finish = self.peer.run([("r", ids, n, 0.0)])["r"]
@@ -77,8 +80,8 @@ class LlamaCpp:
 
 def time_pair(engine, ids: list[int], new: int) -> tuple[float, float]:
     """(prefill tok/s, decode tok/s) of one prompt. A pause first lets the other engine's threads
-    go to sleep (llama.cpp's pool polls for a while after each graph; both in one process otherwise
-    slow each other down by a quarter)."""
+    go to sleep (llama.cpp's pool polls for a while after each graph; run side by side they would slow
+    each other down)."""
     time.sleep(0.5)
     ttft, decode = engine.generate(ids, new)
     return len(ids) / ttft, (new - 1) / decode
@@ -98,7 +101,8 @@ def run_row(row: str, context: int, new: int, repeats: int, tokenizer, kv: str) 
     bandwidth, how = max(before, memory_read_bandwidth(repeats=5))
     kv_read = ours.kv_per_token * (context + new / 2)  # the KV a decode step reads, at the mean context
     result = {"row": row, "context": context, "new_tokens": new, "ours_weight_bytes": ours.weight_bytes,
-              "llamacpp_weight_bytes": peer.weight_bytes, "bandwidth": bandwidth, "bandwidth_how": how}
+              "llamacpp_weight_bytes": peer.weight_bytes, "llamacpp_repack": peer.repack, "bandwidth": bandwidth,
+              "bandwidth_how": how}
     for name, key in (("ours", "ours"), ("llama.cpp", "llamacpp")):
         result[f"{key}_prefill_tok_s"] = median([r[0] for r in runs[name]])
         result[f"{key}_decode_tok_s"] = median([r[1] for r in runs[name]])
@@ -129,8 +133,9 @@ def main() -> None:
           "(common.memory_read_bandwidth), the roofline's denominator")
     tokenizer = LLM(num_blocks=4).tokenizer
     print("| weights | context | ours decode tok/s | llama.cpp decode tok/s | ratio | ours roofline | llama.cpp "
-          "roofline | read GB/s | ours prefill tok/s | llama.cpp prefill tok/s | ratio | ours / llama.cpp weight MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "roofline | read GB/s | ours prefill tok/s | llama.cpp prefill tok/s | ratio | ours / llama.cpp weight MB | "
+          "llama.cpp repack |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     results = []
     for context in map(int, args.contexts.split(",")):
         for row in args.rows.split(","):
@@ -139,7 +144,8 @@ def main() -> None:
             print(f"| {row} | {context:,} | {r['ours_decode_tok_s']:.1f} | {r['llamacpp_decode_tok_s']:.1f} | "
                   f"**{r['decode_ratio']:.2f}x** | {100 * r['ours_roofline']:.0f}% | {100 * r['llamacpp_roofline']:.0f}% | "
                   f"{r['bandwidth'] / 1e9:.1f} | {r['ours_prefill_tok_s']:.0f} | {r['llamacpp_prefill_tok_s']:.0f} | {r['prefill_ratio']:.2f}x | "
-                  f"{r['ours_weight_bytes'] / 1e6:.1f} / {r['llamacpp_weight_bytes'] / 1e6:.1f} |", flush=True)
+                  f"{r['ours_weight_bytes'] / 1e6:.1f} / {r['llamacpp_weight_bytes'] / 1e6:.1f} | "
+                  f"{'yes' if r['llamacpp_repack'] else 'no'} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_description(), "rows": results}, indent=1))
 

@@ -13,7 +13,8 @@ prompt (so the shared machine's slow spells fall on all of them); with --repeats
 repeats and the median of the per-repeat ratios to our plain decode. Our prefix cache is off, and
 llama.cpp's context is reset before every call, so no system reuses a prompt's KV between the calls.
 Peers: HF transformers generate(prompt_lookup_num_tokens=k) and llama-cpp-python's
-Llama(draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k)) on the same GGUF requantized to F32.
+Llama(draft_model=LlamaPromptLookupDecoding(num_pred_tokens=k)) on the same GGUF requantized to F32, in a
+process of its own (benchmarks/peer_process.py says why); so is HF.
 concurrent: all prompts in one continuous batch (the 21 cycled up to the concurrency), output tokens/s
 without speculation, verifying every draft (--always-speculate) and with the engine's speculation gate
 (the default, engine/spec_gate.py). chat: the free-form set, batch 1 and concurrently.
@@ -81,9 +82,12 @@ def truncated_self_draft(loaded, num_layers: int, folder: Path) -> str:
 
 
 class HF:
-    def __init__(self, loaded, k: int | None, eos: list[int]) -> None:
-        self.model, self.k, self.eos = hf_model(loaded, torch.float32), k, eos
-        self.name = f"HF transformers prompt_lookup_num_tokens={k}" if k else "HF transformers (no speculation)"
+    """HF transformers' generate on exactly our float32 weights (built from the default model here:
+    this class runs in a process of its own, see HFProcess)."""
+
+    def __init__(self, k: int | None, eos: list[int], threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.model, self.k, self.eos = hf_model(load_model(), torch.float32), k, eos
 
     def generate(self, ids: list[int], max_tokens: int) -> list[int]:
         extra = {"prompt_lookup_num_tokens": self.k} if self.k else {}
@@ -96,26 +100,33 @@ class HF:
         return {}
 
 
+class HFProcess:
+    """:class:`HF` in a process of its own (peer_process.py: OpenMP as HF's users have it)."""
+
+    def __init__(self, k: int | None, eos: list[int], threads: int) -> None:
+        from peer_process import PeerProcess
+        self.peer = PeerProcess("bench_spec:HF", k, eos, threads)
+        self.name = f"HF transformers prompt_lookup_num_tokens={k}" if k else "HF transformers (no speculation)"
+
+    def generate(self, ids: list[int], max_tokens: int) -> list[int]:
+        return self.peer.generate(ids, max_tokens)
+
+    def spec_stats(self) -> dict:
+        return {}
+
+
 class LlamaCpp:
+    """llama-cpp-python's prompt lookup in a process of its own (peer_process.py: OpenMP as
+    llama.cpp's users have it, not the passive waits importing kvcache sets in this process)."""
+
     def __init__(self, path: Path, k: int | None, threads: int) -> None:
-        from llama_cpp import Llama
-        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-        draft = LlamaPromptLookupDecoding(num_pred_tokens=k) if k else None
-        self.llm = Llama(model_path=str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
-                         draft_model=draft, verbose=False)
+        from peer_process import PeerProcess
+        self.peer = PeerProcess("llamacpp_peer:PromptLookup", path, k, threads)
         self.name = f"llama-cpp-python LlamaPromptLookupDecoding(num_pred_tokens={k})" if k else \
             "llama-cpp-python (no speculation)"
 
     def generate(self, ids: list[int], max_tokens: int) -> list[int]:
-        self.llm.reset()
-        tokens = []
-        for t in self.llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            if self.llm.token_eos() == t or len(tokens) == max_tokens:
-                break
-            tokens.append(t)
-            if len(tokens) == max_tokens:
-                break
-        return tokens
+        return self.peer.generate(ids, max_tokens)
 
     def spec_stats(self) -> dict:
         return {}
@@ -215,7 +226,7 @@ def main() -> None:
         peers = [p for p in args.peers.split(",") if p] if args.what == "batch1" else []
         peer_ks = [None] + [int(k) for k in args.peer_ks.split(",")]
         if "hf" in peers:
-            systems += [HF(loaded, k, sorted(tok.eos_token_ids)) for k in peer_ks]
+            systems += [HFProcess(k, sorted(tok.eos_token_ids), args.threads) for k in peer_ks]
         if "llamacpp" in peers:
             from llamacpp_peer import convert
             path = convert(default_model_path(), "float32", Path(os.environ.get("KVCACHE_CACHE_DIR", "/tmp")) / "llamacpp")

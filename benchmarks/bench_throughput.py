@@ -127,9 +127,9 @@ def run_hf(model, requests, batch_size: int, limit: int | None = None) -> dict:
 
 
 def run_llamacpp(dtype: str, requests, kv_tokens: int, max_seqs: int) -> dict:
-    from llamacpp_peer import LlamaCppBatched, convert
+    from llamacpp_peer import convert, start
     path = convert(default_model_path(), dtype, cache_dir() / "bench")
-    peer = LlamaCppBatched(path, n_ctx=kv_tokens, n_seq=max_seqs, n_batch=1024, threads=torch.get_num_threads())
+    peer, _ = start(path, n_ctx=kv_tokens, n_seq=max_seqs, n_batch=1024, threads=torch.get_num_threads())
     start = time.perf_counter()
     done = peer.run(requests)
     wall = time.perf_counter() - start

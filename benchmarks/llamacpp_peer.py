@@ -7,6 +7,9 @@ of the batch size, a sequence's KV removed the moment it finishes.
 
 Requires ``pip install llama-cpp-python`` (it compiles llama.cpp, about 6 minutes). Never imported by
 the engine.
+
+Timed comparisons run the peer in a process of its own (:func:`start`, peer_process.py says why).
+This module imports nothing from kvcache, so that importing it there never sets ``OMP_WAIT_POLICY``.
 """
 
 from __future__ import annotations
@@ -56,10 +59,12 @@ class _Seq:
 
 class LlamaCppBatched:
     def __init__(self, path: Path, n_ctx: int, n_seq: int, n_batch: int = 512, threads: int | None = None,
-                 swa_full: bool | None = None):
+                 swa_full: bool | None = None, repack: bool = False):
+        """``repack``: llama.cpp's default of repacking quantized weights for this CPU's kernels (AVX-512,
+        AMX); it crashed on the AVX2-only AMD machine, so off unless asked (:func:`start` tries it)."""
         L.llama_backend_init()
         mp = L.llama_model_default_params()
-        mp.use_extra_bufts = False  # the weight-repacking path crashes on this machine (--no-repack)
+        mp.use_extra_bufts = repack
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
@@ -77,6 +82,10 @@ class LlamaCppBatched:
         self.n_batch, self.n_seq = n_batch, n_seq
         self.batch = L.llama_batch_init(n_batch, 0, 1)
         self.free_ids = list(range(n_seq))
+
+    def model_bytes(self) -> int:
+        """The bytes of weights llama.cpp holds."""
+        return int(L.llama_model_size(self.model))
 
     def close(self) -> None:
         L.llama_batch_free(self.batch)
@@ -153,3 +162,45 @@ class LlamaCppBatched:
                     key, arrival = s.key
                     done[key] = (s.output, s.first_token_time - arrival, t - arrival)
         return done
+
+
+class PromptLookup:
+    """llama-cpp-python's own prompt-lookup speculation (``Llama(draft_model=LlamaPromptLookupDecoding)``),
+    greedy, one request at a time; ``k=None``: no speculation."""
+
+    def __init__(self, path: Path, k: int | None, threads: int) -> None:
+        from llama_cpp import Llama
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+        draft = LlamaPromptLookupDecoding(num_pred_tokens=k) if k else None
+        self.llm = Llama(model_path=str(path), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                         draft_model=draft, verbose=False)
+
+    def generate(self, ids: list[int], max_tokens: int) -> list[int]:
+        self.llm.reset()
+        tokens = []
+        for t in self.llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if self.llm.token_eos() == t or len(tokens) == max_tokens:
+                break
+            tokens.append(t)
+            if len(tokens) == max_tokens:
+                break
+        return tokens
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def start(path: Path, repack: bool | None = None, **kwargs):
+    """A :class:`LlamaCppBatched` over ``path`` in its own process, and whether it repacks its weights.
+    ``repack=None``: llama.cpp's default (repack) where it survives loading and a first decode here,
+    else without."""
+    from peer_process import PeerCrashed, PeerProcess
+    for attempt in ((True, False) if repack is None else (repack,)):
+        peer = PeerProcess("llamacpp_peer:LlamaCppBatched", path, repack=attempt, **kwargs)
+        try:
+            peer.run([("warm-up", [1, 2, 3, 4], 2, 0.0)])
+            return peer, attempt
+        except PeerCrashed:
+            if attempt is False or repack is not None:
+                raise
+    raise AssertionError("unreachable")
