@@ -12,6 +12,11 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define KV_AVX2 1
+#if defined(__AVX512F__)
+/* 16-float vectors for the one-row (decode) matmuls, where widening stored weights to floats, not
+ * memory, sets the pace on AVX2 for bfloat16 and quantized weights */
+#define KV_AVX512 1
+#endif
 #endif
 
 #define KV_HIDDEN __attribute__((visibility("hidden")))

@@ -68,8 +68,10 @@ static inline void prefetch(const void *p) {
  * the rows left over one at a time. On an AVX2 EPYC this read 425 MB of SmolLM2 layer weights at
  * 1.13-1.3x the rate of one stream per thread, and faster than a one-stream sum of the same bytes.
  * A software prefetch a kilobyte ahead made float32 steps 9% slower there and is not used.
- * Every row's dot product is the same arithmetic however the rows are grouped (two accumulators
- * over 16 values at a time, then the tail), so results do not depend on the split. */
+ * Every row's dot product is the same arithmetic however the rows are grouped (see float_rows and
+ * quant_rows), so results do not depend on the split. With AVX-512 the rows take vectors of 16
+ * floats: bfloat16 and quantized weights are widened to floats in half the instructions (on a
+ * 2-core AVX-512 Xeon, decode steps 1.03-1.07x faster on float32, Q8_0 and Q4_1 weights). */
 #define STREAMS 4
 
 static inline __attribute__((always_inline)) float weight_at(const void *w, long i, const int bf16) {
@@ -82,7 +84,33 @@ static inline __attribute__((always_inline)) __m256 weight_vector(const void *w,
 }
 #endif
 
-/* y[0, n + s * q] for s < S (S a constant 1..4). */
+/* The vectors of a decode row: 16 floats with AVX-512, else 8. */
+#if defined(KV_AVX512)
+typedef __m512 rowvec_t;
+#define RV 16
+#define RV_ZERO _mm512_setzero_ps
+#define RV_LOAD _mm512_loadu_ps
+#define RV_FMA _mm512_fmadd_ps
+#define RV_SUM(v) _mm512_reduce_add_ps(v)
+#define RV_ADD _mm512_add_ps
+static inline __attribute__((always_inline)) __m512 row_weights(const void *w, int k, const int bf16) {
+    if (!bf16) return _mm512_loadu_ps((const float *)w + k);
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+#elif defined(KV_AVX2)
+typedef __m256 rowvec_t;
+#define RV 8
+#define RV_ZERO _mm256_setzero_ps
+#define RV_LOAD _mm256_loadu_ps
+#define RV_FMA _mm256_fmadd_ps
+#define RV_SUM(v) kv_hsum(v)
+#define RV_ADD _mm256_add_ps
+#define row_weights weight_vector
+#endif
+
+/* y[0, n + s * q] for s < S (S a constant 1..4). Two accumulators over 2 * RV values at a time,
+ * then the tail. */
 static inline __attribute__((always_inline))
 void float_rows(const job_t *j, int n, long q, const int S, const int bf16) {
     int K = j->K;
@@ -93,15 +121,15 @@ void float_rows(const job_t *j, int n, long q, const int S, const int bf16) {
     float sums[4] = {0};
     int k = 0;
 #ifdef KV_AVX2
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-    for (; k + 16 <= K; k += 16) {
-        __m256 lo = _mm256_loadu_ps(x + k), hi = _mm256_loadu_ps(x + k + 8);
-#define STREAM(s) if (S > s) { a##s = _mm256_fmadd_ps(weight_vector(w##s, k, bf16), lo, a##s);  \
-                               b##s = _mm256_fmadd_ps(weight_vector(w##s, k + 8, bf16), hi, b##s); }
+    rowvec_t a0 = RV_ZERO(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+    for (; k + 2 * RV <= K; k += 2 * RV) {
+        rowvec_t lo = RV_LOAD(x + k), hi = RV_LOAD(x + k + RV);
+#define STREAM(s) if (S > s) { a##s = RV_FMA(row_weights(w##s, k, bf16), lo, a##s);  \
+                               b##s = RV_FMA(row_weights(w##s, k + RV, bf16), hi, b##s); }
         STREAM(0) STREAM(1) STREAM(2) STREAM(3)
 #undef STREAM
     }
-#define SUM(s) if (S > s) sums[s] = kv_hsum(_mm256_add_ps(a##s, b##s));
+#define SUM(s) if (S > s) sums[s] = RV_SUM(RV_ADD(a##s, b##s));
     SUM(0) SUM(1) SUM(2) SUM(3)
 #undef SUM
 #endif
@@ -236,6 +264,28 @@ static inline __attribute__((always_inline)) __m256 block_dot(const uint8_t *q, 
 }
 #endif
 
+#ifdef KV_AVX512
+/* The same with 16-float vectors: 16 partial sums, each block value widened in one of two vectors. */
+static inline __attribute__((always_inline)) __m512 block_dot16(const uint8_t *q, const float *x, const int q4) {
+    __m512 v0, v1;
+    if (q4) {
+        const __m128i low = _mm_set1_epi8(0x0f);
+        __m128i bytes = _mm_loadu_si128((const __m128i *)q);
+        v0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, low)));
+        v1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), low)));
+    } else {
+        v0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+        v1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
+    }
+    return _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + 16), _mm512_mul_ps(v0, _mm512_loadu_ps(x)));
+}
+
+/* 16 lanes folded to 8 */
+static inline __m256 kv_fold16(__m512 v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+#endif
+
 /* One activation row: y[0, n + s * q] = sum_b d_b * (q_b . x_b) + m_b * xsum_b for s < S (S a
  * constant 1..4), the S rows' bytes read side by side as float_rows reads them (see STREAMS).
  * Inlined into one copy per format, so the inner loop has no format test. */
@@ -248,35 +298,47 @@ static inline __attribute__((always_inline)) void quant_rows(const job_t *j, int
     const uint16_t *d0 = j->d + (long)n * blocks, *d1 = d0 + q * blocks, *d2 = d1 + q * blocks, *d3 = d2 + q * blocks;
     const uint16_t *m0 = q4 ? j->mn + (long)n * blocks : NULL, *m1 = q4 ? m0 + q * blocks : NULL;
     const uint16_t *m2 = q4 ? m1 + q * blocks : NULL, *m3 = q4 ? m2 + q * blocks : NULL;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, c0 = a0, c1 = a0, c2 = a0, c3 = a0;
+#ifdef KV_AVX512
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#define DOT(w, x) block_dot16(w, x, q4)
+#define FMA(u, s, acc) _mm512_fmadd_ps(u, _mm512_set1_ps(s), acc)
+#define FOLD(a) kv_fold16(a)
+#else
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#define DOT(w, x) block_dot(w, x, q4)
+#define FMA(u, s, acc) _mm256_fmadd_ps(u, _mm256_set1_ps(s), acc)
+#define FOLD(a) (a)
+#endif
+    __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
     float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
     int b = 0;
     for (; b + 8 <= blocks; b += 8) {
         float scale[4][8];
-        __m256 xs = q4 ? _mm256_loadu_ps(xsum + b) : a0;
+        __m256 xs = q4 ? _mm256_loadu_ps(xsum + b) : c0;
 #define SCALES(s) if (S > s) {                                                                       \
             _mm256_storeu_ps(scale[s], _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d##s + b)))); \
             if (q4) c##s = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m##s + b))), xs, c##s); }
         SCALES(0) SCALES(1) SCALES(2) SCALES(3)
 #undef SCALES
         for (int i = 0; i < 8; i++) {
-#define BLOCK(s) if (S > s) a##s = _mm256_fmadd_ps(block_dot(w##s + (long)(b + i) * bb, x + (b + i) * QBLOCK, q4), \
-                                                   _mm256_broadcast_ss(scale[s] + i), a##s);
+#define BLOCK(s) if (S > s) a##s = FMA(DOT(w##s + (long)(b + i) * bb, x + (b + i) * QBLOCK), scale[s][i], a##s);
             BLOCK(0) BLOCK(1) BLOCK(2) BLOCK(3)
 #undef BLOCK
         }
     }
     for (; b < blocks; b++) {
 #define BLOCK(s) if (S > s) {                                                                        \
-            a##s = _mm256_fmadd_ps(block_dot(w##s + (long)b * bb, x + b * QBLOCK, q4),               \
-                                   _mm256_set1_ps(half_to_float(d##s[b])), a##s);                   \
+            a##s = FMA(DOT(w##s + (long)b * bb, x + b * QBLOCK), half_to_float(d##s[b]), a##s);     \
             if (q4) t##s += half_to_float(m##s[b]) * xsum[b]; }
         BLOCK(0) BLOCK(1) BLOCK(2) BLOCK(3)
 #undef BLOCK
     }
-#define STORE(s) if (S > s) store(j, 0, n + s * (int)q, t##s + kv_hsum(_mm256_add_ps(a##s, c##s)));
+#undef DOT
+#undef FMA
+#define STORE(s) if (S > s) store(j, 0, n + s * (int)q, t##s + kv_hsum(_mm256_add_ps(FOLD(a##s), c##s)));
     STORE(0) STORE(1) STORE(2) STORE(3)
 #undef STORE
+#undef FOLD
 #else
     for (int s = 0; s < S; s++) {
         long row = n + s * q;
