@@ -167,15 +167,14 @@ def test_greedy_generation_is_the_same_with_the_kernel(kv_format, window, monkey
     with monkeypatch.context() as patch:
         _torch_path(patch)
         without = _generate(loaded, kv_format)
-    # The kernel's outputs differ from PyTorch's in the last bits, so the next layer's keys do too.
-    # int8 keys are encoded once per token: the logits stay float32-close. A per-channel key block
-    # (fp8, int4) is re-encoded as it grows, and a last-bit difference can round one code to its
-    # neighbour: those logits may move by a small part of what the format itself changes, measured
-    # on the prefill's logits (the same tokens through float32 and through the format).
-    atol = 1e-4
-    if kv_format != "int8":
-        exact = _generate(loaded, "float32")
-        atol += 0.1 * max((b[1][0] - e[1][0]).abs().max().item() for b, e in zip(without, exact))
+    # The kernel's outputs differ from PyTorch's in the last bits, so the next layer's keys do too,
+    # and a last-bit difference can round one code to its neighbour: in every format (int8's per-token
+    # codes too, seen on an AVX-512 machine: 1.9e-3 with no token changed; fp8 and int4 key blocks
+    # are also re-encoded as they grow). So the logits may move by a small part of what the format
+    # itself changes, measured on the prefill's logits (the same tokens through float32 and through
+    # the format).
+    exact = _generate(loaded, "float32")
+    atol = 1e-4 + 0.1 * max((b[1][0] - e[1][0]).abs().max().item() for b, e in zip(without, exact))
     for (tokens_a, logits_a), (tokens_b, logits_b) in zip(with_kernel, without):
         assert tokens_a == tokens_b
         torch.testing.assert_close(logits_a, logits_b, atol=atol, rtol=1e-4)

@@ -1,5 +1,6 @@
 """The offload tiers in the engine, on the real SmolLM2 (and a tiny random Gemma-3 for sliding groups):
-a prefix restored from each tier gives the same greedy output as computing it, in every KV format;
+a prefix restored from each tier gives the same greedy output as computing it (fp8 and int4: as a
+prefix hit in the pool), in every KV format;
 salts and worlds stay apart; bad entries, a dying Redis and a full disk cost only recomputation."""
 
 import subprocess
@@ -83,6 +84,15 @@ def test_prefix_restored_from_each_tier_equals_recomputation(smollm_engine_facto
     scratch = make(num_blocks=256, kv_cache_dtype=kv_cache_dtype, enable_prefix_caching=False)
     expected, cached = generate(scratch, prompt)
     assert cached == 0 and len(expected) == GREEDY.max_tokens
+    if kv_cache_dtype in ("fp8", "int4"):
+        # Their key blocks are encoded per channel and re-encoded as they grow, so the last bits of the
+        # question's prefill (a different GEMM shape alone than inside the whole prompt) can round a code
+        # to its neighbour and tip a near-tie of greedy decoding (seen with fp8 and int4 on an AVX-512
+        # machine). What a tier owes is what a prefix hit in the pool gives: compare with that.
+        pooled = make(num_blocks=256, kv_cache_dtype=kv_cache_dtype)
+        generate(pooled, DOC + QUESTIONS[0])
+        expected, cached = generate(pooled, prompt)
+        assert cached >= doc_blocks(pooled) * pooled.cache_config.block_size
     # host: write-back of blocks the pool evicts
     host = small_pool(make, scratch.tokenizer, kv_cache_dtype=kv_cache_dtype, kv_offload="host:1GB")
     generate(host, DOC + QUESTIONS[0])
