@@ -33,11 +33,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# What our process's OpenMP runs with: it reads OMP_WAIT_POLICY as torch loads, before importing
+# kvcache could set it (kvcache/__init__.py); ours measured the same either way (BENCHMARKS.md).
+OMP_POLICY_AT_LOAD = os.environ.get("OMP_WAIT_POLICY", "unset")
 
-from common import cpu_description, median, memory_read_bandwidth, prompt_ids
-from kvcache import LLM, SamplingParams
-from kvcache.models.loader import cache_dir, default_model_path
+import torch  # noqa: E402
+
+from common import cpu_description, median, memory_read_bandwidth, prompt_ids  # noqa: E402
+from kvcache import LLM, SamplingParams  # noqa: E402
+from kvcache.models.loader import cache_dir, default_model_path  # noqa: E402
 
 ROWS = {  # row -> (our weights_dtype, llama.cpp's format)
     "f32": ("float32", "float32"), "bf16": ("bfloat16", "bfloat16"), "q8_0": ("int8", "q8_0"), "q4_1": ("auto", "native")}
@@ -128,7 +132,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     print(f"# {cpu_description()}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
+          f"our OMP_WAIT_POLICY={OMP_POLICY_AT_LOAD} (llama.cpp's process: unset)")
     print(f"# our KV cache {args.kv}, llama.cpp's F16; read GB/s: the best of the row's bandwidth probes "
           "(common.memory_read_bandwidth), the roofline's denominator")
     tokenizer = LLM(num_blocks=4).tokenizer

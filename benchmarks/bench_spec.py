@@ -141,6 +141,7 @@ def batch1(systems: list, prompts: list[list[int]], max_tokens: int, repeats: in
     for run in runs:
         for ids in prompts:
             for system, acc in zip(systems, run):
+                time.sleep(0.05)  # a peer process's OpenMP threads spin a moment after its last call
                 ttft = timed(lambda: system.generate(ids, 1))
                 out: list[int] = []
                 total = timed(lambda: out.extend(system.generate(ids, max_tokens)))
@@ -236,6 +237,9 @@ def main() -> None:
             if isinstance(system, Ours):
                 row["identical_to_no_speculation"] = row["outputs"] == rows[0]["outputs"]
             report(row)
+        for system in systems:  # the peers' processes
+            if hasattr(system, "peer"):
+                system.peer.close()
     if args.what in ("concurrent", "chat"):
         prompts = grounded if args.what == "concurrent" else chat
         for n in [int(c) for c in args.concurrency.split(",")]:

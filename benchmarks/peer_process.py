@@ -21,10 +21,15 @@ import os
 import pickle
 import subprocess
 import sys
+import traceback
 
 
 class PeerCrashed(RuntimeError):
-    pass
+    """The child process died; ``exit_code`` is its return code (negative: killed by that signal)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class PeerProcess:
@@ -38,7 +43,12 @@ class PeerProcess:
                                                           env.get("PYTHONPATH")]))
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
-        self._call("__init__", kind, args, kwargs)
+        try:
+            self._call("__init__", kind, args, kwargs)
+        except BaseException:
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     def _call(self, method: str, *args):
         try:
@@ -46,7 +56,8 @@ class PeerProcess:
             self.proc.stdin.flush()
             ok, value = pickle.load(self.proc.stdout)
         except (EOFError, BrokenPipeError) as err:
-            raise PeerCrashed(f"the peer's process died (exit code {self.proc.wait()})") from err
+            code = self.proc.wait()
+            raise PeerCrashed(f"the peer's process died (exit code {code})", code) from err
         if not ok:
             raise RuntimeError(f"the peer's process: {value}")
         return value
@@ -57,11 +68,18 @@ class PeerProcess:
         return lambda *args: self._call(name, *args)
 
     def close(self) -> None:
-        """Close the object (if it has a close method) and end the process."""
-        if self.proc.poll() is None:
-            self._call("__close__")
-            self.proc.stdin.close()
-            self.proc.wait(timeout=60)
+        """Close the object (if it has a close method) and end the process, killing it if need be."""
+        try:
+            if self.proc.poll() is None:
+                self._call("__close__")
+        finally:
+            if self.proc.poll() is None:
+                self.proc.stdin.close()
+                try:
+                    self.proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
 
 
 def _serve() -> None:
@@ -86,10 +104,10 @@ def _serve() -> None:
                     obj.close()
             else:
                 value = getattr(obj, method)(*args)
-            reply = (True, value)
-        except Exception as err:  # noqa: BLE001 (sent back to the parent, which raises it)
-            reply = (False, f"{type(err).__name__}: {err}")
-        pickle.dump(reply, channel)
+            reply = pickle.dumps((True, value))
+        except Exception:  # noqa: BLE001 (sent back to the parent, which raises it)
+            reply = pickle.dumps((False, traceback.format_exc()))
+        channel.write(reply)
         channel.flush()
 
 

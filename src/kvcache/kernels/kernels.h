@@ -13,8 +13,8 @@
 #include <immintrin.h>
 #define KV_AVX2 1
 #if defined(__AVX512F__)
-/* 16-float vectors for the one-row (decode) matmuls, where widening stored weights to floats, not
- * memory, sets the pace on AVX2 for bfloat16 and quantized weights */
+/* 16-float vectors for the one-row (decode) matmuls: quantized weights are widened to floats in half
+ * the instructions (widening, not memory, sets their pace) */
 #define KV_AVX512 1
 #endif
 #endif

@@ -71,7 +71,9 @@ static inline void prefetch(const void *p) {
  * Every row's dot product is the same arithmetic however the rows are grouped (see float_rows and
  * quant_rows), so results do not depend on the split. With AVX-512 the rows take vectors of 16
  * floats: bfloat16 and quantized weights are widened to floats in half the instructions (on a
- * 2-core AVX-512 Xeon, decode steps 1.03-1.07x faster on float32, Q8_0 and Q4_1 weights). */
+ * 2-core AVX-512 Xeon, decode steps 1.03-1.07x faster on float32, Q8_0 and Q4_1 weights). A row
+ * computed alone (M = 1) and among others (the tiles below, 8 floats wide) are not the same
+ * arithmetic, so they may differ in the last bits. */
 #define STREAMS 4
 
 static inline __attribute__((always_inline)) float weight_at(const void *w, long i, const int bf16) {
