@@ -298,6 +298,15 @@ static key_range keys_of(const kv_model *m, const kv_layer *ly, const kv_group_p
     return r;
 }
 
+/* A part's keys are visited as KEY_STREAMS interleaved runs (the 1st key of each quarter, then the
+ * 2nd of each, ...), so each thread reads its keys and values as four streams side by side, as the
+ * matmul reads weights (one stream keeps too few reads in flight). The order only changes the
+ * rounding of the sums. On the AVX-512 Xeon, against one stream: Q4_1 decode steps at 2,048 tokens
+ * 1.12x faster, float32 1.04x (8 and 16 streams: a little slower than 4), 128 tokens unchanged. */
+#ifndef KEY_STREAMS
+#define KEY_STREAMS 4
+#endif
+
 /* Part `part` of (token i, kv head kh). partial: per query head g, [max, sum, hd weighted values].
  * scores: room for one score per key of the part per query head; where: one index per key. */
 static void attend_part(const kv_model *m, const kv_layer *ly, const kv_group_plan *plan, const float *qkv,
@@ -307,8 +316,10 @@ static void attend_part(const kv_model *m, const kv_layer *ly, const kv_group_pl
     int lo = r.first + (int)((long)count * part / r.parts), hi = r.first + (int)((long)count * (part + 1) / r.parts);
     const int64_t *table = plan->tables + (long)plan->token_seq[i] * plan->width;
     const float *q = qkv + (long)i * (m->heads + 2 * m->kv_heads) * hd + (long)kh * group * hd;
+    int count_here = hi - lo, quarter = count_here / KEY_STREAMS;
     for (int t = lo, b = lo / bs, j = lo % bs; t < hi; t++) {  /* (t / bs, t % bs), without dividing per key */
-        where[t - lo] = cache_index(m, kh, table[b] * bs + j);
+        int u = t - lo, at = u < KEY_STREAMS * quarter ? (u % quarter) * KEY_STREAMS + u / quarter : u;
+        where[at] = cache_index(m, kh, table[b] * bs + j);
         if (++j == bs) { j = 0; b++; }
     }
     for (int g = 0; g < group; g += 3)  /* three query heads per pass over the keys */
