@@ -207,3 +207,22 @@ TestEvictingSwap = EvictingSwapMachine.TestCase
 TestEvictingSwap.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
 TestEvictingWindowed = EvictingWindowedMachine.TestCase
 TestEvictingWindowed.settings = settings(max_examples=100, stateful_step_count=50, deadline=None)
+
+
+def test_a_fork_shares_only_the_hashes_of_blocks_its_parent_computed():
+    """Found by TestEvictingSwap: a request whose last prompt token was still to compute already had
+    the hash of that token's block (a prompt's hashes are all made when it is looked up); a fork of it
+    with another last token copied that hash and registered its own block under it, so the prefix
+    cache offered the parent's block for the child's tokens."""
+    machine = EvictingSwapMachine()
+    machine.add(budget=3, max_tokens=2, policy="streaming", prompt=[0] * 7)
+    machine.add(budget=3, max_tokens=3, policy="streaming", prompt=[0, 0, 0, 0])
+    machine.add(budget=3, max_tokens=3, policy="streaming", prompt=[0, 0, 0, 1, 0])
+    machine.add(budget=7, max_tokens=1, policy="streaming", prompt=[0, 0, 1, 0, 0, 0, 0, 0])
+    machine.step(token=0)
+    machine.step(token=0)
+    machine.fork(i=0, token=0)
+    machine.fork(i=0, token=0)
+    machine.fork(i=21, token=1)
+    machine.step(token=0)
+    machine.every_registered_hash_matches_what_its_block_holds()

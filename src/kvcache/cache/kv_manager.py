@@ -474,7 +474,11 @@ class KVCacheManager:
         for parent_table, child_table in zip(self.tables(parent), self.tables(child)):
             self.pool.take(b for b in parent_table if b != NULL_BLOCK)
             child_table.extend(parent_table)
-        child.block_hashes[:] = parent.block_hashes
+        # only the hashes of blocks the parent has computed: a hash past them (a prompt's are all made
+        # when it is looked up) may name a token the child does not share, and would be registered
+        # for the child's block (found by tests/test_eviction_machine.py: a fork of a request whose
+        # last prompt token was still to compute)
+        child.block_hashes[:] = parent.block_hashes[:parent.num_computed_tokens // self.block_size]
         child.num_computed_tokens = parent.num_computed_tokens
         state = _policy(parent)
         if state is not None:
