@@ -316,11 +316,12 @@ static void attend_part(const kv_model *m, const kv_layer *ly, const kv_group_pl
     int lo = r.first + (int)((long)count * part / r.parts), hi = r.first + (int)((long)count * (part + 1) / r.parts);
     const int64_t *table = plan->tables + (long)plan->token_seq[i] * plan->width;
     const float *q = qkv + (long)i * (m->heads + 2 * m->kv_heads) * hd + (long)kh * group * hd;
-    int count_here = hi - lo, quarter = count_here / KEY_STREAMS;
+    int run = (hi - lo) / KEY_STREAMS, stream = 0, step = 0;  /* key t - lo is key `step` of run `stream` */
     for (int t = lo, b = lo / bs, j = lo % bs; t < hi; t++) {  /* (t / bs, t % bs), without dividing per key */
-        int u = t - lo, at = u < KEY_STREAMS * quarter ? (u % quarter) * KEY_STREAMS + u / quarter : u;
+        int u = t - lo, at = u < KEY_STREAMS * run ? step * KEY_STREAMS + stream : u;
         where[at] = cache_index(m, kh, table[b] * bs + j);
         if (++j == bs) { j = 0; b++; }
+        if (++step == run) { step = 0; stream++; }
     }
     for (int g = 0; g < group; g += 3)  /* three query heads per pass over the keys */
         attend_heads(m, ly, where, hi - lo, q + (long)g * hd, group - g < 3 ? group - g : 3, scores,
