@@ -83,7 +83,7 @@ def truncated_self_draft(loaded, num_layers: int, folder: Path) -> str:
 
 class HF:
     """HF transformers' generate on exactly our float32 weights (built from the default model here:
-    this class runs in a process of its own, see HFProcess)."""
+    this class runs in a process of its own, see Peer)."""
 
     def __init__(self, k: int | None, eos: list[int], threads: int) -> None:
         torch.set_num_threads(threads)
@@ -100,30 +100,14 @@ class HF:
         return {}
 
 
-class HFProcess:
-    """:class:`HF` in a process of its own (peer_process.py: OpenMP as HF's users have it)."""
+class Peer:
+    """A peer system in a process of its own (peer_process.py: OpenMP as its users have it, not the
+    passive waits importing kvcache sets in this process): ``kind`` names its class there."""
 
-    def __init__(self, k: int | None, eos: list[int], threads: int) -> None:
+    def __init__(self, name: str, kind: str, *args) -> None:
         from peer_process import PeerProcess
-        self.peer = PeerProcess("bench_spec:HF", k, eos, threads)
-        self.name = f"HF transformers prompt_lookup_num_tokens={k}" if k else "HF transformers (no speculation)"
-
-    def generate(self, ids: list[int], max_tokens: int) -> list[int]:
-        return self.peer.generate(ids, max_tokens)
-
-    def spec_stats(self) -> dict:
-        return {}
-
-
-class LlamaCpp:
-    """llama-cpp-python's prompt lookup in a process of its own (peer_process.py: OpenMP as
-    llama.cpp's users have it, not the passive waits importing kvcache sets in this process)."""
-
-    def __init__(self, path: Path, k: int | None, threads: int) -> None:
-        from peer_process import PeerProcess
-        self.peer = PeerProcess("llamacpp_peer:PromptLookup", path, k, threads)
-        self.name = f"llama-cpp-python LlamaPromptLookupDecoding(num_pred_tokens={k})" if k else \
-            "llama-cpp-python (no speculation)"
+        self.name = name
+        self.peer = PeerProcess(kind, *args)
 
     def generate(self, ids: list[int], max_tokens: int) -> list[int]:
         return self.peer.generate(ids, max_tokens)
@@ -227,18 +211,21 @@ def main() -> None:
         peers = [p for p in args.peers.split(",") if p] if args.what == "batch1" else []
         peer_ks = [None] + [int(k) for k in args.peer_ks.split(",")]
         if "hf" in peers:
-            systems += [HFProcess(k, sorted(tok.eos_token_ids), args.threads) for k in peer_ks]
+            systems += [Peer(f"HF transformers prompt_lookup_num_tokens={k}" if k else "HF transformers (no speculation)",
+                             "bench_spec:HF", k, sorted(tok.eos_token_ids), args.threads) for k in peer_ks]
         if "llamacpp" in peers:
             from llamacpp_peer import convert
             path = convert(default_model_path(), "float32", Path(os.environ.get("KVCACHE_CACHE_DIR", "/tmp")) / "llamacpp")
-            systems += [LlamaCpp(path, k, args.threads) for k in peer_ks]
+            systems += [Peer(f"llama-cpp-python LlamaPromptLookupDecoding(num_pred_tokens={k})" if k
+                             else "llama-cpp-python (no speculation)", "llamacpp_peer:PromptLookup", path, k,
+                             args.threads) for k in peer_ks]
         rows = batch1(systems, prompts, args.max_tokens, args.repeats)
         for system, row in zip(systems, rows):
             if isinstance(system, Ours):
                 row["identical_to_no_speculation"] = row["outputs"] == rows[0]["outputs"]
             report(row)
         for system in systems:  # the peers' processes
-            if hasattr(system, "peer"):
+            if isinstance(system, Peer):
                 system.peer.close()
     if args.what in ("concurrent", "chat"):
         prompts = grounded if args.what == "concurrent" else chat
