@@ -122,6 +122,8 @@ def batch1(systems: list, prompts: list[list[int]], max_tokens: int, repeats: in
     shared machine falls on all of them alike. Per system: the median over repeats, each repeat's
     figure, and the median over repeats of its ratio to the first system (our plain decode)."""
     runs = [[{"decode_s": 0.0, "decode_tokens": 0, "outputs": []} for _ in systems] for _ in range(repeats)]
+    for system in systems:  # warm-up: a first call's one-time costs would land in its ttft and shrink its decode time
+        system.generate(prompts[0], 2)
     for run in runs:
         for ids in prompts:
             for system, acc in zip(systems, run):
