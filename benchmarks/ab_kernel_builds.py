@@ -1,7 +1,7 @@
 """Two or more builds of kvcache's C kernels against each other, in one process, step by step.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/ab_kernel_builds.py --builds "before=git:HEAD~1;after=tree" \
-        [--weights-dtype float32] [--context 128] [--new 64] [--repeats 6]
+        [--weights-dtype float32] [--kv-cache-dtype auto] [--context 128] [--new 64] [--repeats 6]
 
 A build is ``git:REV`` (the kernel sources at that revision), ``dir:PATH`` (a folder holding
 matmul.c, decode.c, kvquant.c and kernels.h), or ``tree`` (the working tree), optionally followed by
@@ -60,14 +60,17 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="the engine's KV cache format (bench_roofline's rows use bfloat16)")
     args = parser.parse_args()
     if kernels.library() is None:
         raise SystemExit("kvcache's C kernels are not built here (no C compiler?); nothing to compare.")
-    print(f"# {cpu_description()}; {args.weights_dtype} weights, {args.context}-token prompt, {args.new} new tokens")
+    print(f"# {cpu_description()}; {args.weights_dtype} weights, KV cache {args.kv_cache_dtype}, "
+          f"{args.context}-token prompt, {args.new} new tokens")
     with tempfile.TemporaryDirectory() as tmp:
         builds = {name: build(spec, Path(tmp)) for name, spec in (b.split("=", 1) for b in args.builds.split(";"))}
         llm = LLM(weights_dtype=args.weights_dtype, dtype="float32", enable_prefix_caching=False,
-                  kv_cache_memory="512MB")
+                  kv_cache_dtype=args.kv_cache_dtype, kv_cache_memory="512MB")
         engine, names = llm.engine, list(builds)
         ids = prompt_ids(llm.tokenizer, args.context)
         times: dict[str, list[float]] = {name: [] for name in names}

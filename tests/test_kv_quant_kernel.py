@@ -122,7 +122,7 @@ def test_kernel_refuses_tables_outside_the_cache():
 @needs_kernels
 def test_portable_build_computes_the_same(monkeypatch):
     """The C paths a CPU without AVX2 takes (built without -march=native) give the same numbers."""
-    lib = kernels._bind(ctypes.CDLL(str(kernels._build(kernels._compiler(), native=False))))
+    lib = kernels._bind(ctypes.CDLL(str(kernels._build(kernels._compiler(), "portable"))))
     monkeypatch.setattr(kernels, "_library", lib)
     monkeypatch.setattr(kernels, "_tried", True)
     for kv_format in QUANTIZED:

@@ -23,6 +23,20 @@ from tiny_models import tiny_llama
 needs_kernels = pytest.mark.skipif(kernels.library() is None, reason="no C compiler here: the PyTorch path only")
 
 
+def _use_build(target, monkeypatch):
+    """Run this test on the kernels built for ``target`` (kernels.TARGET_FLAGS): "native" is the
+    library every caller loads; "avx2" is this CPU's build without AVX-512, so the AVX2 paths an AVX2
+    machine takes are checked here too (skipped where the CPU has no AVX-512: its native build is that)."""
+    import ctypes
+    if target == "native":
+        return
+    if target == "avx2" and "avx512f" not in kernels._cpu_flags().split():
+        pytest.skip("no AVX-512 here: the native build already takes the AVX2 paths")
+    lib = kernels._bind(ctypes.CDLL(str(kernels._build(kernels._compiler(), target))))
+    monkeypatch.setattr(kernels, "_library", lib)
+    monkeypatch.setattr(kernels, "_tried", True)
+
+
 @pytest.fixture
 def torch_only(monkeypatch):
     """Make every caller take its PyTorch path, as on a machine without a C compiler."""
@@ -166,12 +180,15 @@ def test_fused_decode_equals_the_pytorch_forward(weights_dtype, kv, window, monk
 
 
 @needs_kernels
-@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 32), (4, 2, 12), (8, 2, 40), (7, 1, 64)])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(4, 4, 32), (4, 2, 12), (8, 2, 40), (7, 1, 64), (6, 2, 80)])
 @pytest.mark.parametrize("kv", ["auto", "bfloat16"])
-def test_fused_attention_takes_any_group_and_head_size(heads, kv_heads, head_dim, kv, monkeypatch):
-    """The kernel's attention handles query heads three at a time and head_dim in runs of 32, 8 and
-    1, and splits a long context into parts: groups of 1, 2, 4 and 7 heads, head_dim 12, 32, 40 and
-    64, and a 300-token prompt (more than one part) against the PyTorch forward."""
+@pytest.mark.parametrize("build", ["native", "avx2"])
+def test_fused_attention_takes_any_group_and_head_size(heads, kv_heads, head_dim, kv, build, monkeypatch):
+    """The kernel's attention handles query heads three at a time and head_dim in runs of 64 and 16
+    (AVX-512), 32 and 8 (AVX2) and 1, and splits a long context into parts, its keys in four runs and a
+    tail: groups of 1, 2, 3, 4 and 7 heads, head_dim 12, 32, 40, 64 and 80, and a 300-token prompt (more
+    than one part) against the PyTorch forward, on this CPU's build and on its build without AVX-512."""
+    _use_build(build, monkeypatch)
     loaded = _tiny(heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     fused = _decode_logits(loaded, "float32", True, kv, lengths=(300, 9, 40))
     plain = _decode_logits(loaded, "float32", False, kv, monkeypatch, lengths=(300, 9, 40))
@@ -328,12 +345,11 @@ def test_one_row_reads_rows_side_by_side_and_the_split_does_not_change_a_bit(fmt
         assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
 
 
-def test_portable_build_computes_the_same(monkeypatch):
-    """The C paths a CPU without AVX2 takes (built without -march=native) give the same numbers."""
-    import ctypes
-    lib = kernels._bind(ctypes.CDLL(str(kernels._build(kernels._compiler(), native=False))))
-    monkeypatch.setattr(kernels, "_library", lib)
-    monkeypatch.setattr(kernels, "_tried", True)
+@pytest.mark.parametrize("build", ["portable", "avx2"])
+def test_other_builds_compute_the_same(build, monkeypatch):
+    """The C paths a CPU without AVX2 takes (built without -march=native), and those of one with AVX2
+    but no AVX-512, give the same numbers."""
+    _use_build(build, monkeypatch)
     gen = torch.Generator().manual_seed(5)
     for fmt in WEIGHT_FORMATS:
         packed = quantize(torch.randn(70, 96, generator=gen), fmt)

@@ -53,6 +53,13 @@ static inline float kv_hsum(__m256 v) {  /* the sum of the 8 lanes */
     return _mm_cvtss_f32(s);
 }
 
+/* [sum of a's lanes, of b's, of c's, of d's]: four horizontal sums in three hadds, not four
+ * shuffle-and-add chains */
+static inline __m128 kv_hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
+    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));  /* per 128-bit half: a b c d */
+    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
 /* exp of 8 floats to within about 1 ulp of expf (x = n ln2 + r, |r| <= ln2/2, e^r by its Taylor
  * polynomial to r^7 whose error is below 1e-8 relative, 2^n put into the exponent); inputs are
  * clamped to [-87.3, 88.3], so the results stay normal (exp of less than -87.3 gives 1.2e-38, not a
@@ -76,6 +83,16 @@ static inline __m256 kv_exp(__m256 x) {
 
 static inline __m256 kv_load_bf16(const uint16_t *p) {  /* 8 bfloat16 values widened to float32 */
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+#endif
+
+#ifdef KV_AVX512
+static inline __m256 kv_fold16(__m512 v) {  /* 16 lanes folded to 8: the two halves added */
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+static inline __m512 kv_load_bf16_16(const uint16_t *p) {  /* 16 bfloat16 values widened to float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
 }
 #endif
 

@@ -96,9 +96,7 @@ typedef __m512 rowvec_t;
 #define RV_SUM(v) _mm512_reduce_add_ps(v)
 #define RV_ADD _mm512_add_ps
 static inline __attribute__((always_inline)) __m512 row_weights(const void *w, int k, const int bf16) {
-    if (!bf16) return _mm512_loadu_ps((const float *)w + k);
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)w + k)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+    return bf16 ? kv_load_bf16_16((const uint16_t *)w + k) : _mm512_loadu_ps((const float *)w + k);
 }
 #elif defined(KV_AVX2)
 typedef __m256 rowvec_t;
@@ -285,11 +283,6 @@ __m512 block_dot16(const uint8_t *q, const float *x, const int q4, float d, __m5
     __m512 v1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + 16))));
     __m512 dot = _mm512_fmadd_ps(v1, _mm512_loadu_ps(x + 16), _mm512_mul_ps(v0, _mm512_loadu_ps(x)));
     return _mm512_fmadd_ps(dot, _mm512_set1_ps(d), acc);
-}
-
-/* 16 lanes folded to 8 */
-static inline __m256 kv_fold16(__m512 v) {
-    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 #endif
 
