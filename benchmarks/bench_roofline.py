@@ -1,7 +1,7 @@
 """Batch-1 decode and prefill against llama.cpp per weight format, and the memory roofline (issue 12).
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_roofline.py [--repeats 3] [--contexts 128,2048]
-        [--new 64] [--rows f32,bf16,q8_0,q4_1] [--json out.json]
+        [--new 64] [--rows f32,bf16,q8_0,q4_1] [--kernels native] [--json out.json]
 
 Rows (same weights on both sides, the embedded SmolLM2-135M-Instruct, whose GGUF is Q4_1 with a
 Q8_0 embedding):
@@ -21,12 +21,19 @@ greedy, EOS ignored. The roofline fraction is (weight bytes held + KV bytes read
 context) x decode tokens/s / the read bandwidth measured just before and just after the row, with the
 same threads: the best of a 1 GiB torch sum and sums of 2, 4 and 8 streams per thread side by side
 (common.memory_read_bandwidth; the machines here are shared and their bandwidth drifts by 20% over
-minutes, so each row has its own, and the best of both probes makes the fraction conservative). The CPU model and flags are printed first.
+minutes, so each row has its own, and the best of both probes makes the fraction conservative). The CPU model and flags are printed first, with the instruction sets each engine's build uses.
+
+On an AVX-512 machine, both engines can be held to AVX2 (what an AVX2-only CPU runs, though not its
+memory system): ``--kernels avx2`` builds our C kernels without AVX-512 (kvcache.kernels.TARGET_FLAGS),
+``ATEN_CPU_CAPABILITY=avx2`` holds PyTorch's own kernels (our prefill) to AVX2, and ``PYTHONPATH`` can
+point llama.cpp's process at a llama-cpp-python built with ``CMAKE_ARGS="-DGGML_NATIVE=OFF
+-DGGML_AVX512=OFF"``; the header prints what each side runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import sys
@@ -40,7 +47,7 @@ OMP_POLICY_AT_LOAD = os.environ.get("OMP_WAIT_POLICY", "unset")
 import torch  # noqa: E402
 
 from common import cpu_description, median, memory_read_bandwidth, prompt_ids  # noqa: E402
-from kvcache import LLM, SamplingParams  # noqa: E402
+from kvcache import LLM, SamplingParams, kernels  # noqa: E402
 from kvcache.models.loader import cache_dir, default_model_path  # noqa: E402
 
 ROWS = {  # row -> (our weights_dtype, llama.cpp's format)
@@ -91,10 +98,12 @@ def time_pair(engine, ids: list[int], new: int) -> tuple[float, float]:
     return len(ids) / ttft, (new - 1) / decode
 
 
-def run_row(row: str, context: int, new: int, repeats: int, tokenizer, kv: str) -> dict:
+def run_row(row: str, context: int, new: int, repeats: int, tokenizer, kv: str, first: bool = False) -> dict:
     ours_dtype, peer_fmt = ROWS[row]
     before = memory_read_bandwidth(repeats=5)
     ours, peer = Ours(ours_dtype, kv), LlamaCpp(peer_fmt, context)
+    if first:
+        print(f"# llama.cpp: {peer.peer.system_info()}", flush=True)
     ids = prompt_ids(tokenizer, context)
     for engine in (ours, peer):  # warm-up: kernels built, caches touched
         engine.generate(ids[:32], 4)
@@ -128,6 +137,8 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS))
     parser.add_argument("--kv", default="bfloat16",
                         help="our KV cache format (default bfloat16: 2 bytes a value, as llama.cpp's F16 cache)")
+    parser.add_argument("--kernels", choices=sorted(kernels.TARGET_FLAGS), default="native",
+                        help="which build of our C kernels to run (avx2: this CPU's without AVX-512)")
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -135,6 +146,11 @@ def main() -> None:
           f"our OMP_WAIT_POLICY={OMP_POLICY_AT_LOAD} (llama.cpp's process: unset)")
     print(f"# our KV cache {args.kv}, llama.cpp's F16; read GB/s: the best of the row's bandwidth probes "
           "(common.memory_read_bandwidth), the roofline's denominator")
+    if args.kernels != "native":
+        kernels._library = kernels._bind(ctypes.CDLL(str(kernels._build(kernels._compiler(), args.kernels))))
+        kernels._tried = True
+    print(f"# ours: the {args.kernels} build of our C kernels ({' '.join(kernels.TARGET_FLAGS[args.kernels]) or 'no -march'}), "
+          f"PyTorch's CPU capability {torch.backends.cpu.get_cpu_capability()}")
     tokenizer = LLM(num_blocks=4).tokenizer
     print("| weights | context | ours decode tok/s | llama.cpp decode tok/s | ratio | ours roofline | llama.cpp "
           "roofline | read GB/s | ours prefill tok/s | llama.cpp prefill tok/s | ratio | ours / llama.cpp weight MB | "
@@ -143,7 +159,7 @@ def main() -> None:
     results = []
     for context in map(int, args.contexts.split(",")):
         for row in args.rows.split(","):
-            r = run_row(row, context, args.new, args.repeats, tokenizer, args.kv)
+            r = run_row(row, context, args.new, args.repeats, tokenizer, args.kv, not results)
             results.append(r)
             print(f"| {row} | {context:,} | {r['ours_decode_tok_s']:.1f} | {r['llamacpp_decode_tok_s']:.1f} | "
                   f"**{r['decode_ratio']:.2f}x** | {100 * r['ours_roofline']:.0f}% | {100 * r['llamacpp_roofline']:.0f}% | "

@@ -88,6 +88,10 @@ class LlamaCppBatched:
         """The bytes of weights llama.cpp holds."""
         return int(L.llama_model_size(self.model))
 
+    def system_info(self) -> str:
+        """Where this llama.cpp was loaded from and the CPU features its build uses (its system info)."""
+        return f"{os.path.dirname(L.__file__)}: {L.llama_print_system_info().decode().strip()}"
+
     def close(self) -> None:
         L.llama_batch_free(self.batch)
         L.llama_free(self.ctx)
