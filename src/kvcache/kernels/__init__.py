@@ -72,7 +72,7 @@ def _build(compiler: str, target: str = "native") -> Path:
     and return the library's path."""
     source = b"".join(p.read_bytes() for p in (*SOURCES, HERE / "kernels.h"))
     key = hashlib.sha256(source + compiler.encode() + platform.machine().encode() + _cpu_flags().encode()
-                         + target.encode())
+                         + target.encode() + " ".join(TARGET_FLAGS[target]).encode())
     path = _cache_root() / f"kernels-{key.hexdigest()[:16]}.so"
     if path.is_file():
         return path

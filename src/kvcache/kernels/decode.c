@@ -298,7 +298,9 @@ static void softmax_parts(float *scores, int count, int H, float *stats, long st
         int t = 0;
 #ifdef KV_AVX2
         __m256 high = _mm256_set1_ps(-INFINITY);
-        for (; t + 8 <= count; t += 8) high = _mm256_max_ps(high, _mm256_loadu_ps(p + t));
+        /* a NaN score is passed over, as the scalar loop below does (maxps returns its second operand
+         * when either is NaN) */
+        for (; t + 8 <= count; t += 8) high = _mm256_max_ps(_mm256_loadu_ps(p + t), high);
         __m128 half = _mm_max_ps(_mm256_castps256_ps128(high), _mm256_extractf128_ps(high, 1));
         half = _mm_max_ps(half, _mm_movehl_ps(half, half));
         top = _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
