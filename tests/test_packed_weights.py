@@ -231,6 +231,34 @@ def test_fused_step_computes_the_head_in_the_same_call(weights_dtype, tied, monk
 
 
 @needs_kernels
+@pytest.mark.parametrize("case", ["real", "all equal", "one NaN", "two NaNs"])
+def test_fused_step_takes_the_argmax_as_torch_does(case, monkeypatch):
+    """The fused step's argmax of each row (each thread over the head rows it computed, then merged)
+    is ``logits.argmax(-1)``: on real logits, on ties (all 256 equal: the first, across the threads'
+    shares) and with NaN (the first NaN, in the second thread's share or in both)."""
+    loaded = _tiny(tied=False)
+    head = loaded.weights["lm_head.weight"]  # [256, hidden]
+    if case == "all equal":
+        head[:] = head[7]
+    elif case == "one NaN":
+        head[170] = float("nan")
+    elif case == "two NaNs":
+        head[[90, 170]] = float("nan")
+    pairs = []
+    run = fused_decode.FusedDecode.run
+    monkeypatch.setattr(fused_decode.FusedDecode, "run",
+                        lambda self, *a, **k: pairs.append(run(self, *a, **k)) or pairs[-1])
+    _decode_logits(loaded, "float32", True)
+    monkeypatch.undo()
+    assert pairs and all(isinstance(p, tuple) for p in pairs)
+    for logits, best in pairs:
+        assert torch.equal(best, logits.argmax(dim=-1))
+    if case != "real":
+        expected = {"all equal": 0, "one NaN": 170, "two NaNs": 90}[case]
+        assert all(best.eq(expected).all() for _, best in pairs)
+
+
+@needs_kernels
 @pytest.mark.parametrize("weights_dtype", ["float32", "int4"])
 def test_chunked_prefill_and_verification_equal_the_pytorch_forward(weights_dtype, monkeypatch):
     """8-token prompt chunks (PyTorch's GEMM either way) and verifications of drafted tokens (the fused

@@ -95,10 +95,12 @@ class FusedDecode:
         return n <= self.head_rows
 
     def run(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-            metas: Sequence[AttentionMetadata], logits: bool = False) -> torch.Tensor:
+            metas: Sequence[AttentionMetadata], logits: bool = False
+            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """h [n, hidden] float32 embeddings of the step's tokens -> the last layer's output [n, hidden]
         (in place), or with ``logits`` (where :meth:`computes_logits`) the float32 logits [n, vocab]
-        of its final norm, from the same call."""
+        of its final norm and each row's argmax [n] (int64, as ``logits.argmax(-1)``), from the same
+        call."""
         n = h.shape[0]
         cos, sin = (t.reshape(n, -1).contiguous() for t in cos_sin)  # [n, head_dim]
         query_lens = metas[0].query_lens
@@ -116,12 +118,14 @@ class FusedDecode:
                                          keys.data_ptr(), tables.shape[1])
         h = h.contiguous()
         out = torch.empty(n, self.head.shape[0], dtype=torch.float32) if logits else None  # [n, vocab]
+        best = torch.empty(n, dtype=torch.int64) if logits else None  # [n]
         status = kernels.library().kv_llama_decode(ctypes.byref(self.model), n, h.data_ptr(), cos.data_ptr(),
                                                    sin.data_ptr(), plans, None if out is None else out.data_ptr(),
+                                                   None if best is None else best.data_ptr(),
                                                    torch.get_num_threads())
         if status != 0:
             raise RuntimeError(f"the fused decode kernel failed (status {status})")
-        return h if out is None else out
+        return h if out is None else (out, best)
 
 
 def applies(model, h: torch.Tensor, metas: Sequence[AttentionMetadata]) -> bool:

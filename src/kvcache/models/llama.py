@@ -78,18 +78,19 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward_logits(self, tokens: torch.Tensor, positions: torch.Tensor, meta: Sequence[AttentionMetadata],
-                       kv: Sequence[LayerCache], rows: torch.Tensor) -> torch.Tensor:
-        """``compute_logits(forward(tokens, positions, meta, kv)[rows])``: float32 [len(rows), vocab]. Where
-        the fused decode runs and takes the head too, the final norm and the head are computed in the
-        same C call as the layers."""
+                       kv: Sequence[LayerCache], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``compute_logits(forward(tokens, positions, meta, kv)[rows])``: float32 [len(rows), vocab], and
+        each row's argmax [len(rows)] where it came with them, else None. Where the fused decode runs and
+        takes the head too, the final norm, the head and the argmax are computed in the same C call as
+        the layers."""
         fused = self._fused_decode(kv) if 0 < tokens.shape[0] <= fused_decode.MAX_TOKENS else None
         if fused is not None and fused.computes_logits(tokens.shape[0]):
             h = self.embed_tokens(tokens)
             if fused_decode.applies(self, h, meta):
-                logits = fused.run(h, self.rope.tables_for(positions, h.dtype), meta, logits=True)  # [n, vocab]
+                logits, best = fused.run(h, self.rope.tables_for(positions, h.dtype), meta, logits=True)  # [n, vocab], [n]
                 # rows are increasing (logit_rows), so as many as the tokens are all of them: no copy
-                return logits if rows.shape[0] == logits.shape[0] else logits[rows]
-        return self.compute_logits(self(tokens, positions, meta, kv)[rows])
+                return (logits, best) if rows.shape[0] == logits.shape[0] else (logits[rows], best[rows])
+        return self.compute_logits(self(tokens, positions, meta, kv)[rows]), None
 
     def fused_step_tokens(self, kv: Sequence[LayerCache]) -> int:
         """How many tokens a decode or verification step over these caches may carry and still run as

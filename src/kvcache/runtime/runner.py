@@ -20,11 +20,16 @@ class ModelOutput:
     num_rows: list[int]  # per sequence: 1, or k + 1 for a verification of k drafts
     # request id -> per cache group: the attention weights its eviction policy asked for, [live] or None
     attention_scores: dict[str, tuple[torch.Tensor | None, ...]] = field(default_factory=dict)
+    best: torch.Tensor | None = None  # [sum(num_rows)] each row's argmax, where the model computed it
 
     def rows(self) -> dict[str, tuple[torch.Tensor, list[int]]]:
-        """Each sampling sequence's logits [num_rows, vocab] and each row's most likely token (the
-        argmax of the whole batch is taken in one call, for greedy requests)."""
-        best = self.logits.argmax(dim=-1).tolist() if self.request_ids else []
+        """Each sampling sequence's logits [num_rows, vocab] and each row's most likely token, for
+        greedy requests (the model's own where it computed them with the logits, else the argmax of
+        the whole batch in one call)."""
+        if not self.request_ids:
+            best = []
+        else:
+            best = (self.logits.argmax(dim=-1) if self.best is None else self.best).tolist()
         out, start = {}, 0
         for request_id, n in zip(self.request_ids, self.num_rows):
             out[request_id] = (self.logits[start:start + n], best[start:start + n])
@@ -65,17 +70,19 @@ class ModelRunner:
         tokens, positions, meta = self.prepare(seqs)
         rows = torch.tensor(logit_rows(seqs), dtype=torch.long, device=self.device)
         sampled = [s for s in seqs if s.sample]
-        return ModelOutput([s.request_id for s in sampled], self._logits(tokens, positions, meta, rows),
-                           [s.num_logit_rows for s in sampled], collected_scores(seqs, meta))
+        logits, best = self._logits(tokens, positions, meta, rows)
+        return ModelOutput([s.request_id for s in sampled], logits, [s.num_logit_rows for s in sampled],
+                           collected_scores(seqs, meta), best)
 
     def _logits(self, tokens: torch.Tensor, positions: torch.Tensor, meta: list[AttentionMetadata],
-                rows: torch.Tensor) -> torch.Tensor:
+                rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model's float32 logits [len(rows), vocab] at the step's rows ``rows`` (in one call where
-        the model has ``forward_logits``)."""
+        the model has ``forward_logits``), and their argmax [len(rows)] where the model computed it
+        with them, else None."""
         forward_logits = getattr(self.model, "forward_logits", None)
         if forward_logits is not None:
             return forward_logits(tokens, positions, meta, self.storage.layers, rows)
-        return self.model.compute_logits(self.model(tokens, positions, meta, self.storage.layers)[rows])
+        return self.model.compute_logits(self.model(tokens, positions, meta, self.storage.layers)[rows]), None
 
     def drop_host_blocks(self, request_id: str) -> None:
         self.host_blocks.pop(request_id, None)
