@@ -104,8 +104,8 @@ class FusedDecode:
         n = h.shape[0]
         cos, sin = (t.reshape(n, -1).contiguous() for t in cos_sin)  # [n, head_dim]
         query_lens = metas[0].query_lens
-        token_seq = torch.repeat_interleave(torch.arange(len(query_lens), dtype=torch.int32),
-                                            torch.tensor(query_lens))  # [n]
+        token_seq = torch.tensor([seq for seq, q in enumerate(query_lens) for _ in range(q)],
+                                 dtype=torch.int32)  # [n]: each token's sequence
         keep = [token_seq]  # the plan's tensors live until the call returns
         plans = (kernels.GroupPlan * len(metas))()
         for g, meta in enumerate(metas):
