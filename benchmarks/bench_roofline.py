@@ -33,7 +33,6 @@ point llama.cpp's process at a llama-cpp-python built with ``CMAKE_ARGS="-DGGML_
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import sys
@@ -147,7 +146,7 @@ def main() -> None:
     print(f"# our KV cache {args.kv}, llama.cpp's F16; read GB/s: the best of the row's bandwidth probes "
           "(common.memory_read_bandwidth), the roofline's denominator")
     if args.kernels != "native":
-        kernels._library = kernels._bind(ctypes.CDLL(str(kernels._build(kernels._compiler(), args.kernels))))
+        kernels._library = kernels.library_for(args.kernels)
         kernels._tried = True
     print(f"# ours: the {args.kernels} build of our C kernels ({' '.join(kernels.TARGET_FLAGS[args.kernels]) or 'no -march'}), "
           f"PyTorch's CPU capability {torch.backends.cpu.get_cpu_capability()}")

@@ -4,7 +4,6 @@ generation through the engine with and without it."""
 
 from __future__ import annotations
 
-import ctypes
 
 import pytest
 import torch
@@ -122,8 +121,7 @@ def test_kernel_refuses_tables_outside_the_cache():
 @needs_kernels
 def test_portable_build_computes_the_same(monkeypatch):
     """The C paths a CPU without AVX2 takes (built without -march=native) give the same numbers."""
-    lib = kernels._bind(ctypes.CDLL(str(kernels._build(kernels._compiler(), "portable"))))
-    monkeypatch.setattr(kernels, "_library", lib)
+    monkeypatch.setattr(kernels, "_library", kernels.library_for("portable"))
     monkeypatch.setattr(kernels, "_tried", True)
     for kv_format in QUANTIZED:
         expected, actual, values = _decode_step(kv_format, 96 if kv_format == "int4" else 64, 3, [50, 1, 17], 20, True,

@@ -27,15 +27,13 @@ def _use_build(target, monkeypatch):
     """Run this test on the kernels built for ``target`` (kernels.TARGET_FLAGS): "native" is the
     library every caller loads; "avx2" is this CPU's build without AVX-512, so the AVX2 paths an AVX2
     machine takes are checked here too (skipped where the CPU has no AVX-512: its native build is that)."""
-    import ctypes
     if target == "native":
         return
     if kernels._compiler() is None:
         pytest.skip("no C compiler here")
     if target == "avx2" and "avx512f" not in kernels._cpu_flags().split():
         pytest.skip("no AVX-512 here: the native build already takes the AVX2 paths")
-    lib = kernels._bind(ctypes.CDLL(str(kernels._build(kernels._compiler(), target))))
-    monkeypatch.setattr(kernels, "_library", lib)
+    monkeypatch.setattr(kernels, "_library", kernels.library_for(target))
     monkeypatch.setattr(kernels, "_tried", True)
 
 

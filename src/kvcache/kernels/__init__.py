@@ -90,6 +90,16 @@ def _build(compiler: str, target: str = "native") -> Path:
     return path
 
 
+def library_for(target: str) -> ctypes.CDLL:
+    """The kernels built for ``target`` (see TARGET_FLAGS), loaded and bound, whatever :func:`library`
+    uses: for the tests and benchmarks that check or time another build. Raises OSError without a C
+    compiler, subprocess.CalledProcessError if the build fails."""
+    compiler = _compiler()
+    if compiler is None:
+        raise OSError("no C compiler (cc, gcc, clang) on PATH")
+    return _bind(ctypes.CDLL(str(_build(compiler, target))))
+
+
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     i = ctypes.c_int
     lib.kv_matmul.argtypes = [i, i, i, i, _P, _P, _P, _P, _P, _P, i]
@@ -157,11 +167,8 @@ def library() -> ctypes.CDLL | None:
         if os.environ.get("KVCACHE_KERNELS", "1") == "0":
             log.info("KVCACHE_KERNELS=0: using PyTorch for weight matmuls and quantized KV reads")
         else:
-            compiler = _compiler()
             try:
-                if compiler is None:
-                    raise OSError("no C compiler (cc, gcc, clang) on PATH")
-                _library = _bind(ctypes.CDLL(str(_build(compiler))))
+                _library = library_for("native")
             except (OSError, subprocess.SubprocessError) as err:
                 detail = getattr(err, "stderr", b"") or b""
                 log.warning("kvcache's C kernels are unavailable (%s%s); weight matmuls and quantized KV reads use "

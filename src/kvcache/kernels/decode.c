@@ -152,18 +152,6 @@ static inline void prefetch_row(const kv_model *m, const void *cache, long index
 #endif
 }
 
-#ifdef KV_AVX2
-static inline __m256 cache_vector(const kv_model *m, const void *cache, long index) {  /* 8 values widened */
-    return m->kv_bf16 ? kv_load_bf16((const uint16_t *)cache + index) : _mm256_loadu_ps((const float *)cache + index);
-}
-#endif
-
-#ifdef KV_AVX512
-static inline __m512 cache_vector16(const kv_model *m, const void *cache, long index) {  /* 16 values widened */
-    return m->kv_bf16 ? kv_load_bf16_16((const uint16_t *)cache + index) : _mm512_loadu_ps((const float *)cache + index);
-}
-#endif
-
 /* For H (1 to 3) query heads q[h * hd ..] of one kv head: scores[h * count + t] = scale * q_h . key t,
  * for the keys at cache indices where[0 .. count). Four keys at a time (independent sums, where one
  * key at a time waits on each multiply-add's latency), each key vector loaded and widened once for
@@ -196,7 +184,7 @@ void key_scores(const kv_model *m, const void *keys, const long *where, int coun
     }                                                                                                       \
     ALL_SCORES
 #ifdef KV_AVX512
-#define LOAD cache_vector16
+#define LOAD(m, cache, index) kv_load16(cache, index, (m)->kv_bf16)
 #define FMA _mm512_fmadd_ps
 #define F kv_fold16
     if (hd % 16 == 0)
@@ -205,7 +193,7 @@ void key_scores(const kv_model *m, const void *keys, const long *where, int coun
 #undef FMA
 #undef F
 #endif
-#define LOAD cache_vector
+#define LOAD(m, cache, index) kv_load8(cache, index, (m)->kv_bf16)
 #define FMA _mm256_fmadd_ps
 #define F(a) (a)
     if (hd % 8 == 0)
@@ -253,7 +241,7 @@ void weighted_values(const kv_model *m, const void *values, const long *where, i
     if (H > 2) { STORE(2, 0) STORE(2, 1) STORE(2, 2) STORE(2, 3) }
 #ifdef KV_AVX512
 #define LANES 16
-#define LOAD cache_vector16
+#define LOAD(m, cache, index) kv_load16(cache, index, (m)->kv_bf16)
 #define FMA _mm512_fmadd_ps
 #define STOREU _mm512_storeu_ps
     for (; d + 4 * LANES <= hd; d += 4 * LANES) { FOUR_VECTORS(__m512, _mm512_setzero_ps, _mm512_set1_ps) }
@@ -263,7 +251,7 @@ void weighted_values(const kv_model *m, const void *values, const long *where, i
 #undef STOREU
 #endif
 #define LANES 8
-#define LOAD cache_vector
+#define LOAD(m, cache, index) kv_load8(cache, index, (m)->kv_bf16)
 #define FMA _mm256_fmadd_ps
 #define STOREU _mm256_storeu_ps
     for (; d + 4 * LANES <= hd; d += 4 * LANES) { FOUR_VECTORS(__m256, _mm256_setzero_ps, _mm256_set1_ps) }
@@ -278,7 +266,7 @@ void weighted_values(const kv_model *m, const void *values, const long *where, i
         for (int h = 0; h < H; h++) {
             __m256 a = _mm256_setzero_ps();
             for (int t = 0; t < count; t++)
-                a = _mm256_fmadd_ps(_mm256_set1_ps(p[h * count + t]), cache_vector(m, values, where[t] + d), a);
+                a = _mm256_fmadd_ps(_mm256_set1_ps(p[h * count + t]), kv_load8(values, where[t] + d, m->kv_bf16), a);
             _mm256_storeu_ps(out + h * stride + d, a);
         }
 #endif

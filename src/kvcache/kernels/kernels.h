@@ -84,6 +84,11 @@ static inline __m256 kv_exp(__m256 x) {
 static inline __m256 kv_load_bf16(const uint16_t *p) {  /* 8 bfloat16 values widened to float32 */
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
+
+/* values p[i .. i + 8) of a float32 or (bf16) bfloat16 array, as float32 */
+static inline __attribute__((always_inline)) __m256 kv_load8(const void *p, long i, const int bf16) {
+    return bf16 ? kv_load_bf16((const uint16_t *)p + i) : _mm256_loadu_ps((const float *)p + i);
+}
 #endif
 
 #ifdef KV_AVX512
@@ -93,6 +98,11 @@ static inline __m256 kv_fold16(__m512 v) {  /* 16 lanes folded to 8: the two hal
 
 static inline __m512 kv_load_bf16_16(const uint16_t *p) {  /* 16 bfloat16 values widened to float32 */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* values p[i .. i + 16) of a float32 or (bf16) bfloat16 array, as float32 */
+static inline __attribute__((always_inline)) __m512 kv_load16(const void *p, long i, const int bf16) {
+    return bf16 ? kv_load_bf16_16((const uint16_t *)p + i) : _mm512_loadu_ps((const float *)p + i);
 }
 #endif
 

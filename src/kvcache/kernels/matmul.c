@@ -80,12 +80,6 @@ static inline __attribute__((always_inline)) float weight_at(const void *w, long
     return bf16 ? bf16_to_float(((const uint16_t *)w)[i]) : ((const float *)w)[i];
 }
 
-#ifdef KV_AVX2
-static inline __attribute__((always_inline)) __m256 weight_vector(const void *w, int k, const int bf16) {
-    return bf16 ? kv_load_bf16((const uint16_t *)w + k) : _mm256_loadu_ps((const float *)w + k);
-}
-#endif
-
 /* The vectors of a decode row: 16 floats with AVX-512, else 8. */
 #if defined(KV_AVX512)
 typedef __m512 rowvec_t;
@@ -95,9 +89,7 @@ typedef __m512 rowvec_t;
 #define RV_FMA _mm512_fmadd_ps
 #define RV_SUM(v) _mm512_reduce_add_ps(v)
 #define RV_ADD _mm512_add_ps
-static inline __attribute__((always_inline)) __m512 row_weights(const void *w, int k, const int bf16) {
-    return bf16 ? kv_load_bf16_16((const uint16_t *)w + k) : _mm512_loadu_ps((const float *)w + k);
-}
+#define row_weights kv_load16
 #elif defined(KV_AVX2)
 typedef __m256 rowvec_t;
 #define RV 8
@@ -106,7 +98,7 @@ typedef __m256 rowvec_t;
 #define RV_FMA _mm256_fmadd_ps
 #define RV_SUM(v) kv_hsum(v)
 #define RV_ADD _mm256_add_ps
-#define row_weights weight_vector
+#define row_weights kv_load8
 #endif
 
 /* y[0, n + s * q] for s < S (S a constant 1..4). Two accumulators over 2 * RV values at a time,
@@ -177,7 +169,7 @@ void float_block(const job_t *j, int n0, int n1, int m0, int pass, int passes, c
     for (; k + 8 <= K; k += 8, ahead += step) {
         prefetch(next0 + ahead);
         prefetch(next1 + ahead);
-        __m256 u = weight_vector(w0, k, bf16), v = weight_vector(w1, k, bf16), xv;
+        __m256 u = kv_load8(w0, k, bf16), v = kv_load8(w1, k, bf16), xv;
 /* (the empty asm keeps xv in a register: folded into both multiply-adds as a memory operand, the
  * activation was loaded twice, and AMD's two vector loads a cycle, not its multiply-adds, set the pace) */
 #define ROW(i) if (MR > i) { xv = _mm256_loadu_ps(x[i] + k); __asm__("" : "+x"(xv));                    \
