@@ -184,6 +184,13 @@ def test_bad_formats_get_a_clear_value_error():
         KVSpec(2, 7, "int4")
 
 
+@pytest.mark.parametrize("printed", ["fp32", "bf16", "fp16", "fp8", "int8", "int4"])
+def test_the_format_names_the_cli_prints_are_accepted_back(printed):
+    """`kvcache generate` reports "KV cache bf16"; asking for what it printed gives that format."""
+    assert resolve_kv_cache_dtype(printed, "float32") == printed
+    assert resolve_kv_cache_dtype(printed.upper(), "bfloat16") == printed
+
+
 def test_engine_rejects_a_bad_format_before_loading_anything():
     from kvcache.engine.engine import LLMEngine
     with pytest.raises(ValueError, match="Unknown kv_cache_dtype 'int3'"):

@@ -98,7 +98,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="KV pool budget, e.g. 2GB or 512MiB (default: 1GiB)")
     parser.add_argument("--kv-cache-dtype", default="auto", metavar="FORMAT",
                         help="KV cache element format: auto (the model's dtype), float32, bfloat16, float16, "
-                             "fp8, int8 or int4 (default: auto)")
+                             "fp8, int8 or int4, or the short names fp32, bf16, fp16 (default: auto)")
     parser.add_argument("--no-prefix-caching", action="store_true",
                         help="turn prefix caching off (no reuse of earlier prompts' KV blocks)")
     parser.add_argument("--max-num-seqs", type=int_between(1, 1 << 16), default=64,

@@ -34,7 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ctx", type=int, default=1024, help="tokens per window (default: 1024)")
     p.add_argument("--max-tokens", type=int, metavar="N", help="score at most N tokens (default: the whole text)")
     p.add_argument("--kv-cache-dtype", default="auto", metavar="FORMAT",
-                   help="auto (the model's dtype), float32, bfloat16, float16, fp8, int8 or int4 (default: auto)")
+                   help="auto (the model's dtype), float32 (fp32), bfloat16 (bf16), float16 (fp16), fp8, int8 or int4 "
+                        "(default: auto)")
     p.add_argument("--kld", action="store_true",
                    help="also compare each position against an unquantized cache: mean KLD, top-1 agreement")
     p.add_argument("--json", action="store_true", help="print one JSON object")
