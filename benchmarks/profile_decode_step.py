@@ -5,9 +5,9 @@
 
 One greedy request of --new tokens after a --context-token prompt, --repeats times in one engine.
 Per repeat, the median over its decode steps of: the step, the fused C step (``FusedDecode.run``:
-every layer, and the final norm and output head where it computes them), the output head when
-PyTorch's side computes it (``vocab_logits``; "-" when it never runs) and the rest (embedding, RoPE
-tables, the plan, sampling, Python). The fused step's read rate is the weight bytes it reads over
+the embedding's rows, every layer, and the final norm and output head where it computes them), the
+output head when PyTorch's side computes it (``vocab_logits``; "-" when it never runs) and the rest
+(the scheduler, the plan's tensors, sampling, Python). The fused step's read rate is the weight bytes it reads over
 its time; the roofline fraction
 is (weight bytes + KV bytes read at the mean context) / step time / the read bandwidth measured in
 this run. The CPU model and flags are printed first.

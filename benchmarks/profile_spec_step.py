@@ -35,10 +35,10 @@ def main() -> None:
     fused_sizes: list[tuple[int, float]] = []
     run = fused_decode.FusedDecode.run
 
-    def timed_run(self, h, cos_sin, metas, **kwargs):
+    def timed_run(self, tokens, positions, metas, **kwargs):
         start = time.perf_counter()
-        out = run(self, h, cos_sin, metas, **kwargs)
-        fused_sizes.append((h.shape[0], time.perf_counter() - start))
+        out = run(self, tokens, positions, metas, **kwargs)
+        fused_sizes.append((tokens.shape[0], time.perf_counter() - start))
         return out
 
     fused_decode.FusedDecode.run = timed_run

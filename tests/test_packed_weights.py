@@ -257,6 +257,31 @@ def test_fused_step_takes_the_argmax_as_torch_does(case, monkeypatch):
 
 
 @needs_kernels
+@pytest.mark.parametrize("weights_dtype", ["float32", "bfloat16", "int8", "int4"])
+def test_fused_step_embeds_the_tokens_as_the_model_does(weights_dtype, monkeypatch):
+    """The fused step widens the embedding's rows of its token ids itself (float32, bfloat16, Q8_0 or
+    Q4_1 tables): every step's logits and argmax equal those of the same step handed the model's own
+    embeddings, bit for bit; a token id outside the table is refused before anything is computed."""
+    compared = []
+    run = fused_decode.FusedDecode.run
+
+    def both(self, tokens, positions, metas, logits=False, h=None):
+        assert h is None and self.embed is not None  # the C step embeds
+        given = run(self, tokens, positions, metas, logits, h=self.embedding(tokens))
+        mine = run(self, tokens, positions, metas, logits)  # writes the same keys and values again
+        compared.append((given, mine))
+        with pytest.raises(ValueError, match="outside the embedding"):
+            run(self, torch.full_like(tokens, self.embed.shape[0]), positions, metas, logits)
+        return mine
+
+    monkeypatch.setattr(fused_decode.FusedDecode, "run", both)
+    _decode_logits(_tiny(tied=False), weights_dtype, True)
+    assert compared
+    for (logits_a, best_a), (logits_b, best_b) in compared:
+        assert torch.equal(logits_a, logits_b) and torch.equal(best_a, best_b)
+
+
+@needs_kernels
 @pytest.mark.parametrize("weights_dtype", ["float32", "int4"])
 def test_chunked_prefill_and_verification_equal_the_pytorch_forward(weights_dtype, monkeypatch):
     """8-token prompt chunks (PyTorch's GEMM either way) and verifications of drafted tokens (the fused

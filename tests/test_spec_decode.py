@@ -69,10 +69,10 @@ def test_drafts_are_trimmed_to_keep_the_step_fused(smollm_engine_factory, baseli
     sizes = []
     applies = fused_decode.applies
 
-    def recording(model, h, metas):
+    def recording(model, tokens, metas):
         if all(m.decode_rows for m in metas):
-            sizes.append(h.shape[0])
-        return applies(model, h, metas)
+            sizes.append(tokens.shape[0])
+        return applies(model, tokens, metas)
 
     monkeypatch.setattr(fused_decode, "applies", recording)
     engine = smollm_engine_factory(num_blocks=256, **SPEC)

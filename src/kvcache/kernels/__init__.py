@@ -106,7 +106,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kv_matmul.restype = i
     lib.kv_widen.argtypes = [i, i, i, _P, _P, _P, _P, i]
     lib.kv_widen.restype = i
-    lib.kv_llama_decode.argtypes = [ctypes.POINTER(Model), i, _P, _P, _P, ctypes.POINTER(GroupPlan), _P, _P, i]
+    lib.kv_llama_decode.argtypes = [ctypes.POINTER(Model), i, _P, _P, _P, _P, _P, ctypes.POINTER(GroupPlan), _P, _P, i]
     lib.kv_llama_decode.restype = i
     lib.kv_quant_decode.argtypes = [ctypes.POINTER(QuantCache), ctypes.POINTER(QuantStep), i]
     lib.kv_quant_decode.restype = i
@@ -128,7 +128,7 @@ class Model(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int) for name in ("num_layers", "hidden", "heads", "kv_heads", "head_dim",
                                                   "intermediate", "kv_bf16", "num_blocks", "block_size")] + [
         ("eps", ctypes.c_float), ("scale", ctypes.c_float), ("layers", ctypes.POINTER(Layer)), ("final_norm", _P),
-        ("head", Weight)]
+        ("head", Weight), ("embed", Weight)]
 
 
 class GroupPlan(ctypes.Structure):

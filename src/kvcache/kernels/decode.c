@@ -9,7 +9,7 @@
  * The arithmetic is the PyTorch path's (kvcache.models.llama with paged_attention), so the two
  * agree to float32 rounding and cached generation stays equal to recomputation:
  *   RMSNorm     w * (x * 1/sqrt(mean(x^2) + eps))
- *   RoPE        x * cos + rotate_half(x) * sin, the tables computed by the caller
+ *   RoPE        x * cos + rotate_half(x) * sin, the tables (one row per position) computed by the caller
  *   attention   softmax(scale * q.k) over the keys the sequence's table holds (a sliding window
  *               keeps its last `window` of them), weights times values
  *   MLP         down(silu(gate) * up)
@@ -41,6 +41,7 @@ typedef struct {
     const kv_layer *layers;
     const float *final_norm;  /* [hidden] */
     kv_weight head;           /* [vocab, hidden]: the output head, for a step that asks for logits */
+    kv_weight embed;          /* [vocab, hidden]: the embedding, for a step given token ids (data NULL: not here) */
 } kv_model;
 
 typedef struct {            /* one cache group's share of the step's plan, for its n tokens */
@@ -116,12 +117,12 @@ static inline long cache_index(const kv_model *m, int kv_head, long slot) {  /* 
 
 /* RoPE on each query and key head in place (rotate_half), then the keys and values into the cache. */
 static void rope_and_store(const kv_model *m, const kv_layer *ly, const kv_group_plan *plan, float *qkv, int n,
-                           const float *cos, const float *sin) {
+                           const int64_t *positions, const float *cos, const float *sin) {
     int hd = m->head_dim, half = hd / 2, width = (m->heads + 2 * m->kv_heads) * hd;
     float rotated[hd];
     for (int i = 0; i < n; i++) {
         float *row = qkv + (long)i * width;
-        const float *c = cos + (long)i * hd, *s = sin + (long)i * hd;
+        const float *c = cos + positions[i] * hd, *s = sin + positions[i] * hd;
         for (int head = 0; head < m->heads + m->kv_heads; head++) {
             float *x = row + head * hd;
             for (int d = 0; d < half; d++) { rotated[d] = -x[d + half]; rotated[d + half] = x[d]; }
@@ -448,23 +449,34 @@ static void argmax_share(const float *logits, int n, int vocab, best_t *mine, in
 
 /* --- the step ---------------------------------------------------------------------------------- */
 
-/* h [n, hidden] float32: the embeddings of the step's n tokens (one per decoding sequence, or a
- * sequence's drafts and a short prompt's tokens, each seeing the keys its plan says); the last
- * layer's output on return. cos, sin [n, head_dim].
+/* The step's n tokens (one per decoding sequence, or a sequence's drafts and a short prompt's tokens,
+ * each seeing the keys its plan says): tokens [n] their ids, or NULL when h [n, hidden] float32 holds
+ * their embeddings already (else the embedding's rows are widened into h here); the last layer's
+ * output on return. positions [n]; cos, sin [> the largest position, head_dim]: row p is position p's.
  * plans[g] is cache group g's share of the plan. logits [n, vocab], or NULL: the final norm and the
  * output head of the last layer's output, in the same call (the head's weights stream right after
  * the layers', without a return to Python between them, whose first operators would run with cold
  * caches). best [n], or NULL (only with logits): each row's argmax, as torch.argmax gives it, taken
  * by each thread over the logits it just computed (a later argmax in PyTorch read them cold: 0.1-0.2 ms
- * a step). Returns 0, -1 for an unknown weight format, -2 if out of memory. */
-int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const float *sin,
-                    const kv_group_plan *plans, float *logits, int64_t *best, int nthreads) {
+ * a step). Returns 0, -1 for an unknown weight format, -2 if out of memory, -3 for a token id outside
+ * the embedding (or ids with no embedding given). */
+int kv_llama_decode(const kv_model *m, int n, const int64_t *tokens, float *h, const int64_t *positions,
+                    const float *cos, const float *sin, const kv_group_plan *plans, float *logits, int64_t *best,
+                    int nthreads) {
     for (int l = 0; l < m->num_layers; l++) {
         const kv_layer *ly = &m->layers[l];
         if (!kv_range_fn(ly->qkv.fmt) || !kv_range_fn(ly->o.fmt) || !kv_range_fn(ly->gate_up.fmt) || !kv_range_fn(ly->down.fmt))
             return -1;
     }
     if (logits && (!m->head.data || !m->final_norm || !kv_range_fn(m->head.fmt))) return -1;
+    if (tokens) {
+        if (!m->embed.data || m->embed.cols != m->hidden || !kv_range_fn(m->embed.fmt)) return -3;
+        for (int i = 0; i < n; i++)
+            if (tokens[i] < 0 || tokens[i] >= m->embed.rows) return -3;
+        for (int i = 0; i < n; i++)
+            kv_widen_row(m->embed.fmt, m->hidden, m->embed.data, m->embed.scale, m->embed.minimum, tokens[i],
+                         h + (long)i * m->hidden);
+    }
     int H = m->hidden, hd = m->head_dim, I = m->intermediate, group = m->heads / m->kv_heads;
     int width = (m->heads + 2 * m->kv_heads) * hd, longest = 1, widest = H > I ? H : I;
     for (int l = 0; l < m->num_layers; l++)
@@ -507,7 +519,7 @@ int kv_llama_decode(const kv_model *m, int n, float *h, const float *cos, const 
             meet(&bar, &sense, nt);
             matmul_share(&ly->qkv, n, x, xsum, qkv, tid, nt);
             meet(&bar, &sense, nt);
-            if (tid == 0) rope_and_store(m, ly, plan, qkv, n, cos, sin);
+            if (tid == 0) rope_and_store(m, ly, plan, qkv, n, positions, cos, sin);
             meet(&bar, &sense, nt);
             /* attention: every (token, kv head, part) task, then each pair's parts merged */
             int tasks = 0;

@@ -401,39 +401,44 @@ static void q8_range(const void *arg, int begin, int end) { quant_range(arg, beg
 
 static void q4_range(const void *arg, int begin, int end) { quant_range(arg, begin, end, 1); }
 
-/* Widen a packed [N, K] matrix to float32 (for PyTorch's GEMM on many rows); exactly
- * d * q (+ m) per value, as the products above use it. */
+/* Widen a packed [N, K] matrix to float32 (for PyTorch's GEMM on many rows, and an embedding's rows
+ * in the fused decode step); exactly d * q (+ m) per value, as the products above use it. */
+void kv_widen_row(int fmt, int K, const void *w, const uint16_t *d, const uint16_t *mn, long n, float *out) {
+    int blocks = K / QBLOCK, q4 = fmt == FMT_Q4_1, bb = q4 ? 16 : 32;
+    if (fmt == FMT_F32) {
+        memcpy(out, (const float *)w + n * K, (size_t)K * sizeof(float));
+        return;
+    }
+    if (fmt == FMT_BF16) {
+        const uint16_t *row = (const uint16_t *)w + n * K;
+        int k = 0;
+#ifdef KV_AVX2
+        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, kv_load_bf16(row + k));
+#endif
+        for (; k < K; k++) out[k] = bf16_to_float(row[k]);
+        return;
+    }
+    const uint8_t *row = (const uint8_t *)w + n * blocks * bb;
+    for (int b = 0; b < blocks; b++) {
+        const uint8_t *q = row + (long)b * bb;
+        float scale = half_to_float(d[n * blocks + b]);
+        float minimum = q4 ? half_to_float(mn[n * blocks + b]) : 0.0f;
+#ifdef KV_AVX2
+        __m256 v[4], s = _mm256_set1_ps(scale), m = _mm256_set1_ps(minimum);
+        if (q4) widen_q4(q, v); else widen_q8(q, v);
+        for (int i = 0; i < 4; i++)  /* q * scale + minimum, rounded twice as PyTorch's dequantize */
+            _mm256_storeu_ps(out + b * QBLOCK + 8 * i, _mm256_add_ps(_mm256_mul_ps(v[i], s), m));
+#else
+        for (int i = 0; i < QBLOCK; i++) out[b * QBLOCK + i] = quant_value(q, q4, i) * scale + minimum;
+#endif
+    }
+}
+
 typedef struct { int fmt, K; const void *w; const uint16_t *d, *mn; float *out; } widen_t;
 
 static void widen_range(const void *arg, int begin, int end) {
     const widen_t *j = arg;
-    int K = j->K, blocks = K / QBLOCK, q4 = j->fmt == FMT_Q4_1, bb = q4 ? 16 : 32;
-    for (int n = begin; n < end; n++) {
-        float *out = j->out + (long)n * K;
-        if (j->fmt == FMT_BF16) {
-            const uint16_t *w = (const uint16_t *)j->w + (long)n * K;
-            int k = 0;
-#ifdef KV_AVX2
-            for (; k + 8 <= K; k += 8) _mm256_storeu_ps(out + k, kv_load_bf16(w + k));
-#endif
-            for (; k < K; k++) out[k] = bf16_to_float(w[k]);
-            continue;
-        }
-        const uint8_t *w = (const uint8_t *)j->w + (long)n * blocks * bb;
-        for (int b = 0; b < blocks; b++) {
-            const uint8_t *q = w + (long)b * bb;
-            float scale = half_to_float(j->d[(long)n * blocks + b]);
-            float minimum = q4 ? half_to_float(j->mn[(long)n * blocks + b]) : 0.0f;
-#ifdef KV_AVX2
-            __m256 v[4], s = _mm256_set1_ps(scale), m = _mm256_set1_ps(minimum);
-            if (q4) widen_q4(q, v); else widen_q8(q, v);
-            for (int i = 0; i < 4; i++)  /* q * scale + minimum, rounded twice as PyTorch's dequantize */
-                _mm256_storeu_ps(out + b * QBLOCK + 8 * i, _mm256_add_ps(_mm256_mul_ps(v[i], s), m));
-#else
-            for (int i = 0; i < QBLOCK; i++) out[b * QBLOCK + i] = quant_value(q, q4, i) * scale + minimum;
-#endif
-        }
-    }
+    for (int n = begin; n < end; n++) kv_widen_row(j->fmt, j->K, j->w, j->d, j->mn, n, j->out + (long)n * j->K);
 }
 
 int kv_widen(int fmt, int N, int K, const void *w, const uint16_t *d, const uint16_t *mn, float *out,

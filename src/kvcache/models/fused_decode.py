@@ -2,9 +2,9 @@
 
 The PyTorch forward of one SmolLM2 decode step runs ~40 operators per layer at 5-10 us of dispatch
 each: ~20 ms a token, as much as reading the weights. :class:`FusedDecode` hands the whole stack
-of layers to one C function instead: per step Python computes the embeddings and RoPE tables,
-passes the plan's slot mappings, block tables and each token's visible keys, and gets the last
-hidden states back.
+of layers to one C function instead: per step Python passes the token ids and positions (the C step
+widens the embedding's rows and reads the RoPE table's), the plan's slot mappings, block tables and
+each token's visible keys, and gets the last hidden states (or the logits and their argmax) back.
 
 It applies when the step has at most ``MAX_TOKENS`` tokens, all decoding or verifying drafts (a
 prompt's rows go to PyTorch's GEMM, so its KV is the same however it is split), the model computes
@@ -38,9 +38,9 @@ def _weight(linear: PackedLinear | PackedWeight) -> kernels.Weight:
                           ptr(linear.minimum), ptr(getattr(linear, "bias", None)))
 
 
-def _kernel_head(weight: torch.Tensor | PackedWeight) -> PackedWeight | None:
-    """The output head as the kernel reads it, or None where it cannot (a float16 tensor, another
-    device, a view with gaps)."""
+def _kernel_weight(weight: torch.Tensor | PackedWeight) -> PackedWeight | None:
+    """A weight as the kernel reads it (the output head, the embedding), or None where it cannot (a
+    float16 tensor, another device, a view with gaps)."""
     if isinstance(weight, torch.Tensor):
         if weight.dtype not in (torch.float32, torch.bfloat16):
             return None
@@ -66,7 +66,11 @@ class FusedDecode:
                                       config.window_of(i) or 0)
         keys = planes[0][0]  # [kv_heads, num_blocks, block_size, head_dim]
         self.layers = layers
-        self.head = _kernel_head(head_weight(model.embed_tokens if model.lm_head is None else model.lm_head))
+        self.head = _kernel_weight(head_weight(model.embed_tokens if model.lm_head is None else model.lm_head))
+        # the embedding's rows are widened in the C step where it reads the table (float32 results only)
+        self.embedding = model.embed_tokens
+        self.embed = _kernel_weight(head_weight(model.embed_tokens)) if activation_dtype(model) == torch.float32 else None
+        self.rope = model.rope
         # the head runs in the step for as many rows as the head's own matmul takes through the kernel
         # (more go to PyTorch's GEMM there), so a row's logits do not depend on which path computed them
         self.head_rows = KERNEL_MAX_ROWS[self.head.fmt] if self.head is not None else 0
@@ -75,7 +79,8 @@ class FusedDecode:
                                    config.head_dim, config.intermediate_size, int(keys.dtype == torch.bfloat16),
                                    keys.shape[1], keys.shape[2], config.rms_norm_eps, model.layers[0].self_attn.scale,
                                    layers, self.final_norm.data_ptr(),
-                                   _weight(self.head) if self.head is not None else kernels.Weight())
+                                   _weight(self.head) if self.head is not None else kernels.Weight(),
+                                   _weight(self.embed) if self.embed is not None else kernels.Weight())
 
     @staticmethod
     def supports(model, caches: Sequence[LayerCache]) -> bool:
@@ -94,15 +99,22 @@ class FusedDecode:
         """Whether :meth:`run` can also compute the final norm and the head for a step of n tokens."""
         return n <= self.head_rows
 
-    def run(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-            metas: Sequence[AttentionMetadata], logits: bool = False
-            ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """h [n, hidden] float32 embeddings of the step's tokens -> the last layer's output [n, hidden]
-        (in place), or with ``logits`` (where :meth:`computes_logits`) the float32 logits [n, vocab]
-        of its final norm and each row's argmax [n] (int64, as ``logits.argmax(-1)``), from the same
-        call."""
-        n = h.shape[0]
-        cos, sin = (t.reshape(n, -1).contiguous() for t in cos_sin)  # [n, head_dim]
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, metas: Sequence[AttentionMetadata],
+            logits: bool = False, h: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The step of tokens [n] (int64) at positions [n]: the last layer's output [n, hidden] float32,
+        or with ``logits`` (where :meth:`computes_logits`) the float32 logits [n, vocab] of its final
+        norm and each row's argmax [n] (int64, as ``logits.argmax(-1)``), from the same call. ``h``
+        [n, hidden]: the tokens' embeddings where the caller has them (then written over with the
+        output); else the C step widens the embedding's rows itself where it can read the table."""
+        n = tokens.shape[0]
+        tokens, positions = tokens.contiguous(), positions.contiguous()
+        if h is None and self.embed is None:
+            h = self.embedding(tokens)
+        ids = None
+        if h is None:
+            h, ids = torch.empty(n, self.model.hidden, dtype=torch.float32), tokens.data_ptr()  # [n, hidden]
+        h = h.contiguous()
+        cos, sin = self.rope.table(int(positions.max()) + 1)  # [>= max position + 1, head_dim]
         query_lens = metas[0].query_lens
         token_seq = torch.tensor([seq for seq, q in enumerate(query_lens) for _ in range(q)],
                                  dtype=torch.int32)  # [n]: each token's sequence
@@ -116,21 +128,31 @@ class FusedDecode:
             keep += [tables, keys]
             plans[g] = kernels.GroupPlan(meta.slot_mapping.data_ptr(), tables.data_ptr(), token_seq.data_ptr(),
                                          keys.data_ptr(), tables.shape[1])
-        h = h.contiguous()
         out = torch.empty(n, self.head.shape[0], dtype=torch.float32) if logits else None  # [n, vocab]
         best = torch.empty(n, dtype=torch.int64) if logits else None  # [n]
-        status = kernels.library().kv_llama_decode(ctypes.byref(self.model), n, h.data_ptr(), cos.data_ptr(),
-                                                   sin.data_ptr(), plans, None if out is None else out.data_ptr(),
+        status = kernels.library().kv_llama_decode(ctypes.byref(self.model), n, ids, h.data_ptr(),
+                                                   positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), plans,
+                                                   None if out is None else out.data_ptr(),
                                                    None if best is None else best.data_ptr(),
                                                    torch.get_num_threads())
+        if status == -3:
+            raise ValueError(f"a token id outside the embedding's {self.embed.shape[0]} rows")
         if status != 0:
             raise RuntimeError(f"the fused decode kernel failed (status {status})")
         return h if out is None else (out, best)
 
 
-def applies(model, h: torch.Tensor, metas: Sequence[AttentionMetadata]) -> bool:
-    """Whether this step can run fused: few tokens, all decoding (or verifying drafts; a prompt's rows
-    go through PyTorch, see AttentionMetadata.prefill_tokens), float32 on the CPU, paged attention,
-    and no eviction policy waiting for the step's attention weights (the kernel does not hand them out)."""
-    return (model.attention_fn is paged_attention and h.dtype == torch.float32 and h.device.type == "cpu"
-            and 0 < h.shape[0] <= MAX_TOKENS and all(m.scores is None and m.decode_rows for m in metas))
+def activation_dtype(model) -> torch.dtype:
+    """The dtype the model's embedding hands its layers (a packed embedding widens to its out_dtype)."""
+    embed = model.embed_tokens
+    return getattr(embed, "out_dtype", None) or embed.weight.dtype
+
+
+def applies(model, tokens: torch.Tensor, metas: Sequence[AttentionMetadata]) -> bool:
+    """Whether this step of tokens [n] can run fused: few tokens, all decoding (or verifying drafts; a
+    prompt's rows go through PyTorch, see AttentionMetadata.prefill_tokens), float32 on the CPU, paged
+    attention, and no eviction policy waiting for the step's attention weights (the kernel does not
+    hand them out)."""
+    return (model.attention_fn is paged_attention and activation_dtype(model) == torch.float32
+            and tokens.device.type == "cpu" and 0 < tokens.shape[0] <= MAX_TOKENS
+            and all(m.scores is None and m.decode_rows for m in metas))

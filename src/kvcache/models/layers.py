@@ -59,11 +59,22 @@ class RotaryEmbedding(nn.Module):
 
     def reset_tables(self) -> None:
         """(Re)compute the inverse frequencies on the buffer's device (also after a meta-device build)."""
+        self._table: CosSin | None = None  # (see table)
         if self.inv_freq.is_meta:
             return
         hd, device = self.head_dim, self.inv_freq.device
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, hd, 2, device=device, dtype=torch.float) / hd))
         self.inv_freq = inv_freq / self.scaling
+
+    def table(self, length: int) -> CosSin:
+        """float32 (cos, sin), each [>= length, hd]: row p is what :meth:`tables_for` gives position p
+        (the same operators on the same values), computed once for the positions seen so far and grown
+        by doubling, so a decode step indexes it instead of computing its own."""
+        if self._table is None or self._table[0].shape[0] < length or self._table[0].device != self.inv_freq.device:
+            size = max(256, 1 << max(length - 1, 0).bit_length())
+            cos, sin = self.tables_for(torch.arange(size, device=self.inv_freq.device), torch.float32)  # [size, 1, hd]
+            self._table = (cos.squeeze(1).contiguous(), sin.squeeze(1).contiguous())  # [size, hd]
+        return self._table
 
     def tables_for(self, positions: torch.Tensor, dtype: torch.dtype) -> CosSin:
         """(cos, sin) for these positions, each [T, 1, hd]; computed once per step, used by every layer."""

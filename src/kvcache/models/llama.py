@@ -65,11 +65,11 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: Sequence[AttentionMetadata],
                 kv: Sequence[LayerCache]) -> torch.Tensor:
         """tokens, positions [T] -> final hidden states [T, hidden]; ``meta[g]`` is cache group g's plan."""
+        fused = self._fused_decode(kv) if fused_decode.applies(self, tokens, meta) else None
+        if fused is not None:
+            return self.norm(fused.run(tokens, positions, meta))
         h = self.embed_tokens(tokens)
         cos_sin = self.rope.tables_for(positions, h.dtype)
-        fused = self._fused_decode(kv) if fused_decode.applies(self, h, meta) else None
-        if fused is not None:
-            return self.norm(fused.run(h, cos_sin, meta))
         for layer, cache in zip(self.layers, kv):
             h = h + layer.self_attn(layer.input_layernorm(h), cos_sin, cache, meta[cache.group_id],
                                     self.attention_fn)
@@ -84,12 +84,10 @@ class LlamaForCausalLM(nn.Module):
         takes the head too, the final norm, the head and the argmax are computed in the same C call as
         the layers."""
         fused = self._fused_decode(kv) if 0 < tokens.shape[0] <= fused_decode.MAX_TOKENS else None
-        if fused is not None and fused.computes_logits(tokens.shape[0]):
-            h = self.embed_tokens(tokens)
-            if fused_decode.applies(self, h, meta):
-                logits, best = fused.run(h, self.rope.tables_for(positions, h.dtype), meta, logits=True)  # [n, vocab], [n]
-                # rows are increasing (logit_rows), so as many as the tokens are all of them: no copy
-                return (logits, best) if rows.shape[0] == logits.shape[0] else (logits[rows], best[rows])
+        if fused is not None and fused.computes_logits(tokens.shape[0]) and fused_decode.applies(self, tokens, meta):
+            logits, best = fused.run(tokens, positions, meta, logits=True)  # [n, vocab], [n]
+            # rows are increasing (logit_rows), so as many as the tokens are all of them: no copy
+            return (logits, best) if rows.shape[0] == logits.shape[0] else (logits[rows], best[rows])
         return self.compute_logits(self(tokens, positions, meta, kv)[rows]), None
 
     def fused_step_tokens(self, kv: Sequence[LayerCache]) -> int:
