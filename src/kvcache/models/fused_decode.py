@@ -107,7 +107,7 @@ class FusedDecode:
         [n, hidden]: the tokens' embeddings where the caller has them (then written over with the
         output); else the C step widens the embedding's rows itself where it can read the table."""
         n = tokens.shape[0]
-        tokens, positions = tokens.contiguous(), positions.contiguous()
+        tokens, positions = tokens.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()  # as C reads them
         if h is None and self.embed is None:
             h = self.embedding(tokens)
         ids = None
