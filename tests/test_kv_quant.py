@@ -191,6 +191,12 @@ def test_the_format_names_the_cli_prints_are_accepted_back(printed):
     assert resolve_kv_cache_dtype(printed.upper(), "bfloat16") == printed
 
 
+@pytest.mark.parametrize("alias, planner_name", [("f32", "fp32"), ("f16", "fp16"), ("half", "fp16")])
+def test_the_planners_aliases_are_accepted(alias, planner_name):
+    """--kv-cache-dtype takes what `kvcache size --dtype` takes."""
+    assert resolve_kv_cache_dtype(alias, "float32") == planner_name == kv_dtype(alias).name
+
+
 def test_engine_rejects_a_bad_format_before_loading_anything():
     from kvcache.engine.engine import LLMEngine
     with pytest.raises(ValueError, match="Unknown kv_cache_dtype 'int3'"):

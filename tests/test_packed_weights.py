@@ -257,28 +257,88 @@ def test_fused_step_takes_the_argmax_as_torch_does(case, monkeypatch):
 
 
 @needs_kernels
-@pytest.mark.parametrize("weights_dtype", ["float32", "bfloat16", "int8", "int4"])
-def test_fused_step_embeds_the_tokens_as_the_model_does(weights_dtype, monkeypatch):
-    """The fused step widens the embedding's rows of its token ids itself (float32, bfloat16, Q8_0 or
-    Q4_1 tables): every step's logits and argmax equal those of the same step handed the model's own
-    embeddings, bit for bit; a token id outside the table is refused before anything is computed."""
+@pytest.mark.parametrize("table", ["float32", "bfloat16", "q8_0", "q4_1"])
+def test_fused_step_embeds_the_tokens_as_the_model_does(table, monkeypatch):
+    """The fused step widens the embedding's rows of its token ids itself (a float32, bfloat16, Q8_0 or
+    Q4_1 table): every step's logits and argmax equal those of the same step handed the model's own
+    embeddings, bit for bit. A token id outside the table (either side) and a negative position are
+    refused before anything is computed, so the step after them still matches."""
+    loaded = _tiny(tied=False)
+    weights_dtype = {"float32": "float32", "bfloat16": "bfloat16", "q8_0": "int8", "q4_1": "auto"}[table]
+    if table == "q4_1":  # as a Q4_1 GGUF would store it (weights_dtype auto keeps a file's blocks)
+        loaded.weights["model.embed_tokens.weight"] = quantize(loaded.weights["model.embed_tokens.weight"], "q4_1")
     compared = []
     run = fused_decode.FusedDecode.run
 
     def both(self, tokens, positions, metas, logits=False, h=None):
-        assert h is None and self.embed is not None  # the C step embeds
-        given = run(self, tokens, positions, metas, logits, h=self.embedding(tokens))
+        assert h is None and self.embed is not None and self.embed.fmt == table  # the C step embeds
+        for bad_tokens, bad_positions, refusal in ((torch.full_like(tokens, self.embed.shape[0]), positions, "outside"),
+                                                   (torch.full_like(tokens, -1), positions, "outside"),
+                                                   (tokens, positions - positions.max() - 1, "negative position")):
+            with pytest.raises(ValueError, match=refusal):
+                run(self, bad_tokens, bad_positions, metas, logits)
+        given = run(self, tokens, positions, metas, logits, h=self.owner.embed_tokens(tokens))
         mine = run(self, tokens, positions, metas, logits)  # writes the same keys and values again
         compared.append((given, mine))
-        with pytest.raises(ValueError, match="outside the embedding"):
-            run(self, torch.full_like(tokens, self.embed.shape[0]), positions, metas, logits)
         return mine
 
     monkeypatch.setattr(fused_decode.FusedDecode, "run", both)
-    _decode_logits(_tiny(tied=False), weights_dtype, True)
+    _decode_logits(loaded, weights_dtype, True)
     assert compared
     for (logits_a, best_a), (logits_b, best_b) in compared:
         assert torch.equal(logits_a, logits_b) and torch.equal(best_a, best_b)
+
+
+@needs_kernels
+def test_an_embedding_that_does_more_than_look_up_keeps_its_own_forward(monkeypatch):
+    """A llama-family model whose embedding module scales its rows (or has hooks) is embedded by the
+    module itself, not by the C step reading its table: the fused step still equals PyTorch's."""
+    from torch import nn
+
+    class ScaledEmbedding(nn.Embedding):
+        def forward(self, tokens):
+            return super().forward(tokens) * 4.0
+
+    def scaled(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        plain = model.embed_tokens
+        assert type(plain) is nn.Embedding
+        model.embed_tokens = ScaledEmbedding(plain.num_embeddings, plain.embedding_dim, _weight=plain.weight.data)
+        return model
+
+    monkeypatch.setattr("kvcache.engine.engine.build_model", scaled)
+    loaded = _tiny(tied=False)
+    fused = _decode_logits(loaded, "float32", True)
+    plain = _decode_logits(loaded, "float32", False, "auto", monkeypatch)
+    for (tokens_a, logits_a), (tokens_b, logits_b) in zip(fused, plain):
+        assert tokens_a == tokens_b
+        torch.testing.assert_close(logits_a, logits_b, atol=2e-4, rtol=1e-4)
+
+
+def test_the_rope_table_is_tables_for_row_by_row_through_growth_and_resets():
+    """RotaryEmbedding.table(n) holds exactly the rows tables_for computes (so the fused step and the
+    PyTorch path rotate alike), grows past its first 256 rows computing only the new ones, and is
+    rebuilt when inv_freq is another tensor (a reset, a cast and back)."""
+    from kvcache.models.layers import RotaryEmbedding
+    rope = RotaryEmbedding(64, 100000.0, scaling=2.0)
+
+    def check(length):
+        cos, sin = rope.table(length)
+        assert cos.shape[0] >= length and cos.dtype == torch.float32
+        want_cos, want_sin = rope.tables_for(torch.arange(cos.shape[0]), torch.float32)  # [rows, 1, hd]
+        assert torch.equal(cos, want_cos.squeeze(1)) and torch.equal(sin, want_sin.squeeze(1))
+        return cos
+
+    first = check(5)
+    assert first.shape[0] == 256 and check(200) is first  # kept, not recomputed
+    grown = check(700)
+    assert grown.shape[0] == 700 and torch.equal(grown[:256], first)
+    assert check(701).shape[0] == 1400  # at least doubling
+    rope.to(torch.bfloat16).to(torch.float32)  # inv_freq rounded to bfloat16: other angles
+    check(10)
+    rope.theta = 10000.0
+    rope.reset_tables()
+    check(10)
 
 
 @needs_kernels

@@ -13,13 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from kvcache.config import ModelConfig
-from kvcache.sizing import KVShape, block_bytes, blocks_in_budget, kv_dtype
+from kvcache.sizing import DTYPE_ALIASES, KVShape, block_bytes, blocks_in_budget, kv_dtype
 
 # kv_cache_dtype names users give -> the planner's format names. "auto" means the model's dtype.
 KV_CACHE_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16",
                    "fp8": "fp8", "int8": "int8", "int4": "int4"}
-# the planner's own short names (what the CLI prints after "KV cache") are accepted as well
-KV_CACHE_DTYPE_ALIASES = {"fp32": "float32", "f32": "float32", "bf16": "bfloat16", "fp16": "float16", "f16": "float16"}
 MODEL_DTYPE_FORMATS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 QUANTIZED_FORMATS = ("fp8", "int8", "int4")
 
@@ -27,18 +25,21 @@ QUANTIZED_FORMATS = ("fp8", "int8", "int4")
 def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: str) -> str:
     """The planner's format name (fp32, bf16, fp16, fp8, int8, int4) for a user's ``kv_cache_dtype``.
 
-    ``auto`` follows the model's dtype. Anything else outside ``auto | float32 | bfloat16 | float16 |
-    fp8 | int8 | int4`` (or the short names fp32, f32, bf16, fp16, f16) raises a ValueError that names
+    ``auto`` follows the model's dtype. The planner's own names (fp32, bf16, fp16: what the CLI prints
+    after "KV cache") and its aliases (kvcache.sizing.DTYPE_ALIASES) are accepted too. Anything else
+    outside ``auto | float32 | bfloat16 | float16 | fp8 | int8 | int4`` raises a ValueError that names
     the choices.
     """
     name = kv_cache_dtype.lower() if isinstance(kv_cache_dtype, str) else ""
-    name = KV_CACHE_DTYPE_ALIASES.get(name, name)
     if name == "auto":
         return MODEL_DTYPE_FORMATS[model_dtype]
-    if name not in KV_CACHE_DTYPES:
-        raise ValueError(f"Unknown kv_cache_dtype {kv_cache_dtype!r}; use one of auto, "
-                         f"{', '.join(KV_CACHE_DTYPES)}.")
-    return KV_CACHE_DTYPES[name]
+    if name in KV_CACHE_DTYPES:
+        return KV_CACHE_DTYPES[name]
+    planner_name = DTYPE_ALIASES.get(name, name)
+    if planner_name in KV_CACHE_DTYPES.values():
+        return planner_name
+    raise ValueError(f"Unknown kv_cache_dtype {kv_cache_dtype!r}; use one of auto, "
+                     f"{', '.join(KV_CACHE_DTYPES)} (or the short names fp32, bf16, fp16).")
 
 
 @dataclass(frozen=True)

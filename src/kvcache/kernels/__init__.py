@@ -106,7 +106,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.kv_matmul.restype = i
     lib.kv_widen.argtypes = [i, i, i, _P, _P, _P, _P, i]
     lib.kv_widen.restype = i
-    lib.kv_llama_decode.argtypes = [ctypes.POINTER(Model), i, _P, _P, _P, _P, _P, ctypes.POINTER(GroupPlan), _P, _P, i]
+    lib.kv_llama_decode.argtypes = [ctypes.POINTER(Model), i, _P, _P, _P, ctypes.c_long, _P, _P, ctypes.POINTER(GroupPlan),
+                                    _P, _P, i]
     lib.kv_llama_decode.restype = i
     lib.kv_quant_decode.argtypes = [ctypes.POINTER(QuantCache), ctypes.POINTER(QuantStep), i]
     lib.kv_quant_decode.restype = i

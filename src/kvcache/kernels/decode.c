@@ -452,25 +452,28 @@ static void argmax_share(const float *logits, int n, int vocab, best_t *mine, in
 /* The step's n tokens (one per decoding sequence, or a sequence's drafts and a short prompt's tokens,
  * each seeing the keys its plan says): tokens [n] their ids, or NULL when h [n, hidden] float32 holds
  * their embeddings already (else the embedding's rows are widened into h here); the last layer's
- * output on return. positions [n]; cos, sin [> the largest position, head_dim]: row p is position p's.
+ * output on return. positions [n]; cos, sin [table_rows, head_dim]: row p is position p's.
  * plans[g] is cache group g's share of the plan. logits [n, vocab], or NULL: the final norm and the
  * output head of the last layer's output, in the same call (the head's weights stream right after
  * the layers', without a return to Python between them, whose first operators would run with cold
  * caches). best [n], or NULL (only with logits): each row's argmax, as torch.argmax gives it, taken
  * by each thread over the logits it just computed (a later argmax in PyTorch read them cold: 0.1-0.2 ms
- * a step). Returns 0, -1 for an unknown weight format, -2 if out of memory, -3 for a token id outside
- * the embedding (or ids with no embedding given). */
+ * a step). Returns 0, -1 for an unknown weight format (or token ids with no usable embedding), -2 if
+ * out of memory, -3 for a token id outside the embedding, -4 for a position outside the RoPE table;
+ * nothing is computed or written unless it returns 0. */
 int kv_llama_decode(const kv_model *m, int n, const int64_t *tokens, float *h, const int64_t *positions,
-                    const float *cos, const float *sin, const kv_group_plan *plans, float *logits, int64_t *best,
-                    int nthreads) {
+                    long table_rows, const float *cos, const float *sin, const kv_group_plan *plans, float *logits,
+                    int64_t *best, int nthreads) {
     for (int l = 0; l < m->num_layers; l++) {
         const kv_layer *ly = &m->layers[l];
         if (!kv_range_fn(ly->qkv.fmt) || !kv_range_fn(ly->o.fmt) || !kv_range_fn(ly->gate_up.fmt) || !kv_range_fn(ly->down.fmt))
             return -1;
     }
     if (logits && (!m->head.data || !m->final_norm || !kv_range_fn(m->head.fmt))) return -1;
+    for (int i = 0; i < n; i++)
+        if (positions[i] < 0 || positions[i] >= table_rows) return -4;
     if (tokens) {
-        if (!m->embed.data || m->embed.cols != m->hidden || !kv_range_fn(m->embed.fmt)) return -3;
+        if (!m->embed.data || m->embed.cols != m->hidden || !kv_range_fn(m->embed.fmt)) return -1;
         for (int i = 0; i < n; i++)
             if (tokens[i] < 0 || tokens[i] >= m->embed.rows) return -3;
         for (int i = 0; i < n; i++)

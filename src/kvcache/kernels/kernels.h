@@ -149,7 +149,8 @@ static inline void axpy(float *y, float a, const float *x, int size) {  /* y += 
 
 KV_HIDDEN range_fn kv_range_fn(int fmt);                               /* NULL for an unknown format */
 KV_HIDDEN void kv_block_sums(const float *x, int M, int K, float *out); /* [M, K/32] */
-/* row n of a [N, K] weight in any format above, as float32 values (out [K]) */
+/* row n of a [N, K] weight in any format above, as float32 values (out [K]; K a multiple of 32 for
+ * Q8_0 and Q4_1, as the formats themselves require) */
 KV_HIDDEN void kv_widen_row(int fmt, int K, const void *w, const uint16_t *d, const uint16_t *mn, long n, float *out);
 
 #endif

@@ -21,12 +21,13 @@ import ctypes
 from typing import Sequence
 
 import torch
+from torch import nn
 
 from kvcache import kernels
 from kvcache.cache.storage import LayerCache
 from kvcache.models.attention import AttentionMetadata, paged_attention
 from kvcache.models.layers import head_weight
-from kvcache.models.packed import KERNEL_MAX_ROWS, PackedLinear, PackedWeight
+from kvcache.models.packed import KERNEL_MAX_ROWS, PackedEmbedding, PackedLinear, PackedWeight
 
 MAX_TOKENS = 16
 
@@ -49,6 +50,16 @@ def _kernel_weight(weight: torch.Tensor | PackedWeight) -> PackedWeight | None:
     return weight if ok else None
 
 
+def _kernel_embedding(model) -> PackedWeight | None:
+    """The embedding table for the C step to widen rows of, where its lookup is nothing more (an
+    nn.Embedding without max_norm, or a PackedEmbedding, with no hooks) and gives float32; else None,
+    and the step takes the module's own output."""
+    embed = model.embed_tokens
+    plain = (type(embed) in (nn.Embedding, PackedEmbedding) and getattr(embed, "max_norm", None) is None
+             and not embed._forward_hooks and not embed._forward_pre_hooks)
+    return _kernel_weight(head_weight(embed)) if plain and activation_dtype(model) == torch.float32 else None
+
+
 class FusedDecode:
     """The C structures describing one model over one set of layer caches, built once and reused."""
 
@@ -67,10 +78,8 @@ class FusedDecode:
         keys = planes[0][0]  # [kv_heads, num_blocks, block_size, head_dim]
         self.layers = layers
         self.head = _kernel_weight(head_weight(model.embed_tokens if model.lm_head is None else model.lm_head))
-        # the embedding's rows are widened in the C step where it reads the table (float32 results only)
-        self.embedding = model.embed_tokens
-        self.embed = _kernel_weight(head_weight(model.embed_tokens)) if activation_dtype(model) == torch.float32 else None
-        self.rope = model.rope
+        self.owner = model  # its rope and (where C cannot look rows up) its embedding, read at each step
+        self.embed = _kernel_embedding(model)
         # the head runs in the step for as many rows as the head's own matmul takes through the kernel
         # (more go to PyTorch's GEMM there), so a row's logits do not depend on which path computed them
         self.head_rows = KERNEL_MAX_ROWS[self.head.fmt] if self.head is not None else 0
@@ -85,7 +94,7 @@ class FusedDecode:
     @staticmethod
     def supports(model, caches: Sequence[LayerCache]) -> bool:
         """Whether this model and these caches can take the fused path at all (per-step conditions
-        are checked in :func:`fused_decode`)."""
+        are checked in :func:`applies`)."""
         if kernels.library() is None or not all(isinstance(m, PackedLinear) for layer in model.layers
                                                 for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                                                           layer.mlp.gate_up_proj, layer.mlp.down_proj)):
@@ -101,20 +110,28 @@ class FusedDecode:
 
     def run(self, tokens: torch.Tensor, positions: torch.Tensor, metas: Sequence[AttentionMetadata],
             logits: bool = False, h: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """The step of tokens [n] (int64) at positions [n]: the last layer's output [n, hidden] float32,
-        or with ``logits`` (where :meth:`computes_logits`) the float32 logits [n, vocab] of its final
-        norm and each row's argmax [n] (int64, as ``logits.argmax(-1)``), from the same call. ``h``
-        [n, hidden]: the tokens' embeddings where the caller has them (then written over with the
-        output); else the C step widens the embedding's rows itself where it can read the table."""
+        """The step of tokens [n] at positions [n] (integers, on the CPU): the last layer's output
+        [n, hidden] float32, or with ``logits`` (where :meth:`computes_logits`) the float32 logits
+        [n, vocab] of its final norm and each row's argmax [n] (int64, as ``logits.argmax(-1)``), from
+        the same call. ``h`` [n, hidden] float32 on the CPU: the tokens' embeddings where the caller has
+        them; else the C step widens the embedding's rows itself where it can read the table, or the
+        model's embedding computes them. A token id outside the embedding or a negative position
+        raises a ValueError before anything is computed."""
         n = tokens.shape[0]
+        if positions.shape != (n,) or tokens.device.type != "cpu" or positions.device.type != "cpu":
+            raise ValueError(f"the fused step takes CPU tokens and positions of one shape, not {tuple(tokens.shape)} "
+                             f"on {tokens.device} and {tuple(positions.shape)} on {positions.device}")
         tokens, positions = tokens.to(torch.int64).contiguous(), positions.to(torch.int64).contiguous()  # as C reads them
         if h is None and self.embed is None:
-            h = self.embedding(tokens)
+            h = self.owner.embed_tokens(tokens)
         ids = None
         if h is None:
             h, ids = torch.empty(n, self.model.hidden, dtype=torch.float32), tokens.data_ptr()  # [n, hidden]
+        elif h.shape != (n, self.model.hidden) or h.dtype != torch.float32 or h.device.type != "cpu":
+            raise ValueError(f"the fused step's embeddings must be float32 [{n}, {self.model.hidden}] on the CPU, "
+                             f"not {h.dtype} {tuple(h.shape)} on {h.device}")
         h = h.contiguous()
-        cos, sin = self.rope.table(int(positions.max()) + 1)  # [>= max position + 1, head_dim]
+        cos, sin = self.owner.rope.table(int(positions.max()) + 1)  # [rows > every position, head_dim]
         query_lens = metas[0].query_lens
         token_seq = torch.tensor([seq for seq, q in enumerate(query_lens) for _ in range(q)],
                                  dtype=torch.int32)  # [n]: each token's sequence
@@ -131,12 +148,14 @@ class FusedDecode:
         out = torch.empty(n, self.head.shape[0], dtype=torch.float32) if logits else None  # [n, vocab]
         best = torch.empty(n, dtype=torch.int64) if logits else None  # [n]
         status = kernels.library().kv_llama_decode(ctypes.byref(self.model), n, ids, h.data_ptr(),
-                                                   positions.data_ptr(), cos.data_ptr(), sin.data_ptr(), plans,
-                                                   None if out is None else out.data_ptr(),
+                                                   positions.data_ptr(), cos.shape[0], cos.data_ptr(), sin.data_ptr(),
+                                                   plans, None if out is None else out.data_ptr(),
                                                    None if best is None else best.data_ptr(),
                                                    torch.get_num_threads())
         if status == -3:
             raise ValueError(f"a token id outside the embedding's {self.embed.shape[0]} rows")
+        if status == -4:
+            raise ValueError("a negative position")
         if status != 0:
             raise RuntimeError(f"the fused decode kernel failed (status {status})")
         return h if out is None else (out, best)

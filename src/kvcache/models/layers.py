@@ -47,9 +47,10 @@ class OffsetRMSNorm(RMSNorm):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin of each position's angles (HF's rotate_half convention), computed per step from the
-    inverse frequencies: position x inv_freq in float32, as transformers does. ``scaling`` > 1 is
-    linear RoPE scaling (positions divided by it)."""
+    """cos/sin of each position's angles (HF's rotate_half convention), computed from the inverse
+    frequencies: position x inv_freq in float32, as transformers does. ``scaling`` > 1 is linear RoPE
+    scaling (positions divided by it). :meth:`tables_for` computes a step's rows; :meth:`table` keeps
+    the rows of the positions seen so far (the fused decode step reads them)."""
 
     def __init__(self, head_dim: int, theta: float, scaling: float = 1.0) -> None:
         super().__init__()
@@ -59,7 +60,6 @@ class RotaryEmbedding(nn.Module):
 
     def reset_tables(self) -> None:
         """(Re)compute the inverse frequencies on the buffer's device (also after a meta-device build)."""
-        self._table: CosSin | None = None  # (see table)
         if self.inv_freq.is_meta:
             return
         hd, device = self.head_dim, self.inv_freq.device
@@ -68,13 +68,23 @@ class RotaryEmbedding(nn.Module):
 
     def table(self, length: int) -> CosSin:
         """float32 (cos, sin), each [>= length, hd]: row p is what :meth:`tables_for` gives position p
-        (the same operators on the same values), computed once for the positions seen so far and grown
-        by doubling, so a decode step indexes it instead of computing its own."""
-        if self._table is None or self._table[0].shape[0] < length or self._table[0].device != self.inv_freq.device:
-            size = max(256, 1 << max(length - 1, 0).bit_length())
-            cos, sin = self.tables_for(torch.arange(size, device=self.inv_freq.device), torch.float32)  # [size, 1, hd]
-            self._table = (cos.squeeze(1).contiguous(), sin.squeeze(1).contiguous())  # [size, hd]
-        return self._table
+        (the same operators on the same values), so a decode step indexes it instead of computing its
+        own. Kept for the positions seen so far (8 x head_dim bytes a position) and grown by at least
+        doubling, computing only the new rows; rebuilt when ``inv_freq`` is another tensor (a reset,
+        a move, a cast)."""
+        kept = getattr(self, "_table", None)
+        if kept is not None and kept[2] is not self.inv_freq:
+            kept = None
+        have = 0 if kept is None else kept[0].shape[0]
+        if have < length:
+            size = max(length, 2 * have, 256)
+            cos, sin = self.tables_for(torch.arange(have, size, device=self.inv_freq.device), torch.float32)  # [new, 1, hd]
+            cos, sin = cos.squeeze(1), sin.squeeze(1)  # [new, hd]
+            if kept is not None:
+                cos, sin = torch.cat([kept[0], cos]), torch.cat([kept[1], sin])  # [size, hd]
+            kept = (cos.contiguous(), sin.contiguous(), self.inv_freq)
+        self._table = kept
+        return kept[0], kept[1]
 
     def tables_for(self, positions: torch.Tensor, dtype: torch.dtype) -> CosSin:
         """(cos, sin) for these positions, each [T, 1, hd]; computed once per step, used by every layer."""
