@@ -315,6 +315,26 @@ def test_an_embedding_that_does_more_than_look_up_keeps_its_own_forward(monkeypa
         torch.testing.assert_close(logits_a, logits_b, atol=2e-4, rtol=1e-4)
 
 
+@needs_kernels
+def test_a_dropped_engine_frees_its_model_without_waiting_for_the_cycle_collector():
+    """The fused step the model keeps refers back to the model weakly: dropping the engine frees the
+    model and its weights at once, not at the cyclic collector's next pass."""
+    import gc
+    import weakref
+    engine = LLMEngine(loaded=_tiny(), block_size=4, num_blocks=64)
+    engine.add_request("a", [1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert any(f is not None for f in engine.model._fused.values())  # the fused step was built
+    model = weakref.ref(engine.model)
+    gc.disable()
+    try:
+        del engine
+        assert model() is None
+    finally:
+        gc.enable()
+
+
 def test_the_rope_table_is_tables_for_row_by_row_through_growth_and_resets():
     """RotaryEmbedding.table(n) holds exactly the rows tables_for computes (so the fused step and the
     PyTorch path rotate alike), grows past its first 256 rows computing only the new ones, and is

@@ -18,6 +18,7 @@ computes the same function (the tests hold the two together).
 from __future__ import annotations
 
 import ctypes
+import weakref
 from typing import Sequence
 
 import torch
@@ -78,7 +79,10 @@ class FusedDecode:
         keys = planes[0][0]  # [kv_heads, num_blocks, block_size, head_dim]
         self.layers = layers
         self.head = _kernel_weight(head_weight(model.embed_tokens if model.lm_head is None else model.lm_head))
-        self.owner = model  # its rope and (where C cannot look rows up) its embedding, read at each step
+        # the model's rope and (where C cannot look rows up) its embedding are read at each step; a weak
+        # reference, as the model keeps this object (LlamaForCausalLM._fused) and a cycle would hold
+        # both, weights and all, until the cyclic garbage collector ran
+        self._owner = weakref.ref(model)
         self.embed = _kernel_embedding(model)
         # the head runs in the step for as many rows as the head's own matmul takes through the kernel
         # (more go to PyTorch's GEMM there), so a row's logits do not depend on which path computed them
@@ -90,6 +94,11 @@ class FusedDecode:
                                    layers, self.final_norm.data_ptr(),
                                    _weight(self.head) if self.head is not None else kernels.Weight(),
                                    _weight(self.embed) if self.embed is not None else kernels.Weight())
+
+    @property
+    def owner(self):
+        """The model this step runs (alive while anything can call :meth:`run`: the model holds this)."""
+        return self._owner()
 
     @staticmethod
     def supports(model, caches: Sequence[LayerCache]) -> bool:
